@@ -1,0 +1,65 @@
+"""The `shardqa` command. Each stage registers its own sub-commands; heavy
+imports happen inside the commands so `shardqa --help` stays instant."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from shardqa.errors import ShardQAError
+
+app = typer.Typer(
+    name="shardqa",
+    help="Sharded, millisecond-latency extractive question answering.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def fail(message: str, code: int = 2) -> "typer.Exit":
+    """Print a one-line error (no traceback) and return the Exit to raise."""
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _register() -> None:
+    # Order is the order of `shardqa --help`: the request's path, then operations.
+    from shardqa.services import cli as services_cli
+    from shardqa.training import cli as training_cli
+
+    services_cli.register(app)
+    training_cli.register(app)
+    for module in (
+        "shardqa.preprocessing.cli",
+        "shardqa.router.cli",
+        "shardqa.services.serve_cli",
+        "shardqa.monitoring.cli",
+        "shardqa.services.bench_cli",
+    ):
+        try:
+            mod = __import__(module, fromlist=["register"])
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            continue
+        mod.register(app)
+
+
+_register()
+
+
+def main() -> None:
+    try:
+        app()
+    except ShardQAError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""All configuration of shardqa, in one place.
+
+Every field can be set by an environment variable `SHARDQA_<FIELD>` (upper
+case) or a `.env` file; command-line options override them. The README lists
+them all (`shardqa config` prints the values in force).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: The repository's root when running from a checkout (editable install or
+#: container image with the source tree), where the shipped model lives.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "shardqa-minilm-l6-squad1"
+DEFAULT_SAMPLE_CORPUS = REPO_ROOT / "samples" / "squad-dev-sample.json"
+
+Backend = Literal["torch", "onnx", "onnx-int8"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SHARDQA_", env_file=".env", extra="ignore")
+
+    # --- reader -----------------------------------------------------------------
+    model: str = Field(str(DEFAULT_MODEL_DIR), description="QA model directory (or hub id where a network exists)")
+    backend: Backend = Field("onnx-int8", description="inference backend: torch, onnx or onnx-int8")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when present")
+    onnx_providers: list[str] = Field(
+        default_factory=list,
+        description="ONNX Runtime execution providers in order of preference; empty = by device "
+        "(CUDA: TensorRT, CUDA, CPU; CPU: CPU)",
+    )
+    threads: int = Field(0, ge=0, description="intra-op threads per model copy; 0 = library default")
+    cache_dir: Path = Field(Path.home() / ".cache" / "shardqa", description="ONNX exports and downloads")
+    max_seq_len: int = Field(384, ge=32, le=512, description="tokens per (question, passage window) sequence")
+    doc_stride: int = Field(128, ge=0, description="overlap between windows of a long passage")
+    max_answer_len: int = Field(15, ge=1, description="longest answer span in tokens")
+    max_question_len: int = Field(64, ge=1, description="longest question in tokens; longer is refused")
+    max_question_chars: int = Field(1000, ge=1, description="longest question in characters; longer is refused")
+    null_threshold: float | None = Field(
+        None, description="SQuAD-2 style: answer empty when the null score beats the best span by this margin"
+    )
+
+    # --- index and routing --------------------------------------------------------
+    store: str = Field("./shardqa-index", description="index store: a directory, redis://, rediss:// or redis+cluster:// URL")
+    shards: int = Field(4, ge=1, description="shards to build when indexing")
+    passage_sentences: int = Field(3, ge=1, description="sentences per passage window")
+    passage_max_tokens: int = Field(128, ge=16, description="cap on tokens per passage")
+    route_k: int = Field(3, ge=1, description="passages routed per question")
+
+    # --- serving ------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="HTTP bind address")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port")
+    ray_address: str | None = Field(None, description="existing Ray cluster; else RAY_ADDRESS or an embedded Ray")
+    replicas_per_shard: int = Field(1, ge=1, description="Serve replicas per shard deployment")
+    ingress_replicas: int = Field(1, ge=1)
+    num_cpus_per_replica: float = Field(1.0, ge=0)
+    num_gpus_per_replica: float = Field(0.0, ge=0)
+    max_batch_size: int = Field(16, ge=1, description="@serve.batch max batch size in shard replicas")
+    batch_wait_timeout_s: float = Field(0.002, ge=0, description="@serve.batch wait for a fuller batch")
+    max_body_bytes: int = Field(64 * 1024, ge=1024, description="larger request bodies get 413")
+    max_batch_questions: int = Field(64, ge=1, description="questions per /v1/answer:batch call")
+    max_top_k: int = Field(10, ge=1)
+
+    # --- answer cache -------------------------------------------------------------
+    cache_url: str | None = Field(None, description="Redis URL for the answer cache; none = in-process cache")
+    cache_ttl_s: int = Field(3600, ge=1)
+    cache_timeout_s: float = Field(0.05, gt=0, description="a slower cache counts as down for this request")
+
+    # --- targets (alerts, dashboards, benchmark verdicts) --------------------------
+    target_p50_ms: float = 20.0
+    target_p99_ms: float = 50.0
+    target_cached_p50_ms: float = 3.0
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

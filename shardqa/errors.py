@@ -1,0 +1,51 @@
+"""Typed errors for user mistakes. The CLI prints them as one line; the API maps them to 4xx."""
+
+from __future__ import annotations
+
+
+class ShardQAError(Exception):
+    """Base of every error caused by input or configuration rather than a bug."""
+
+    code = "bad_request"
+    http_status = 400
+
+
+class InvalidQuestion(ShardQAError):
+    code = "invalid_question"
+
+
+class QuestionTooLong(InvalidQuestion):
+    code = "question_too_long"
+
+
+class InvalidContext(ShardQAError):
+    code = "invalid_context"
+
+
+class ModelNotFound(ShardQAError):
+    code = "model_not_found"
+
+
+class NotAQAModel(ShardQAError):
+    code = "not_a_qa_model"
+
+
+class BackendUnavailable(ShardQAError):
+    code = "backend_unavailable"
+
+
+class CorpusError(ShardQAError):
+    code = "invalid_corpus"
+
+
+class StoreError(ShardQAError):
+    code = "store_error"
+    http_status = 503
+
+
+class IndexNotFound(StoreError):
+    code = "index_not_found"
+
+
+class TokenizerMismatch(StoreError):
+    code = "tokenizer_mismatch"

@@ -1,0 +1,116 @@
+"""The one place where text becomes token ids.
+
+Preprocessing pre-tokenises passages with it, the ingress tokenises questions
+with it, and the reader assembles model inputs from both with its
+``pair_template``. Tests prove the assembled inputs equal the Hugging Face
+tokenizer's ``tokenizer(question, passage, truncation='only_second', ...)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from shardqa.errors import ModelNotFound
+from shardqa.types import TokenizedText
+
+
+@dataclass(frozen=True)
+class PairTemplate:
+    """Special tokens around (question, passage), read off the tokenizer's own
+    post-processor so that any BERT-family template (BERT, RoBERTa, ...) works."""
+
+    prefix: np.ndarray  # ids before the question
+    middle: np.ndarray  # ids between question and passage
+    suffix: np.ndarray  # ids after the passage
+    type_prefix: np.ndarray
+    type_question: int
+    type_middle: np.ndarray
+    type_passage: int
+    type_suffix: np.ndarray
+
+    @property
+    def num_special(self) -> int:
+        return len(self.prefix) + len(self.middle) + len(self.suffix)
+
+
+class TextTokenizer:
+    """A fast (Rust) tokenizer with truncation and padding switched off.
+
+    Shipped ``tokenizer.json`` files sometimes carry truncation or padding
+    settings (one widely used MiniLM copy truncates to 128 tokens); loaded raw,
+    they would silently cut passages, so both are always disabled here.
+    """
+
+    def __init__(self, hf_tokenizer):
+        from tokenizers import Tokenizer
+
+        if not getattr(hf_tokenizer, "is_fast", False):
+            raise ModelNotFound("the model has no fast tokenizer (tokenizer.json); shardqa needs one for offsets")
+        self.hf = hf_tokenizer
+        self.backend = Tokenizer.from_str(hf_tokenizer.backend_tokenizer.to_str())
+        self.backend.no_truncation()
+        self.backend.no_padding()
+        self.pad_id = int(hf_tokenizer.pad_token_id if hf_tokenizer.pad_token_id is not None else 0)
+        self.cls_id = hf_tokenizer.cls_token_id
+        self.question_first = hf_tokenizer.padding_side == "right"
+        self.model_max_length = int(min(getattr(hf_tokenizer, "model_max_length", 512) or 512, 10**6))
+        self.template = self._read_template()
+        self.fingerprint = self._fingerprint()
+
+    @classmethod
+    def from_pretrained(cls, model: str | Path) -> "TextTokenizer":
+        from transformers import AutoTokenizer
+
+        try:
+            hf = AutoTokenizer.from_pretrained(str(model))
+        except (OSError, ValueError) as exc:
+            raise ModelNotFound(f"cannot load a tokenizer from {model!s}: {str(exc).splitlines()[0]}") from None
+        return cls(hf)
+
+    def tokenize(self, text: str) -> TokenizedText:
+        enc = self.backend.encode(text, add_special_tokens=False)
+        return _to_tokenized(enc)
+
+    def tokenize_many(self, texts: list[str]) -> list[TokenizedText]:
+        return [_to_tokenized(e) for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+
+    def _read_template(self) -> PairTemplate:
+        # Probe the post-processor with one-token sequences of distinguishable ids.
+        q = self.backend.encode("a", add_special_tokens=False)
+        p = self.backend.encode("b", add_special_tokens=False)
+        pair = self.backend.post_process(q, p, add_special_tokens=True)
+        ids = np.asarray(pair.ids, dtype=np.int64)
+        types = np.asarray(pair.type_ids, dtype=np.int64)
+        # post_process does not keep sequence ids of raw encodings; the probe
+        # tokens are distinct non-special ids, so find them by value.
+        qi = int(np.flatnonzero(ids == q.ids[0])[0])
+        pi = int(np.flatnonzero(ids == p.ids[0])[-1])
+        return PairTemplate(
+            prefix=ids[:qi],
+            middle=ids[qi + 1 : pi],
+            suffix=ids[pi + 1 :],
+            type_prefix=types[:qi],
+            type_question=int(types[qi]),
+            type_middle=types[qi + 1 : pi],
+            type_passage=int(types[pi]),
+            type_suffix=types[pi + 1 :],
+        )
+
+    def _fingerprint(self) -> str:
+        spec = json.loads(self.backend.to_str())
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+        blob = json.dumps(spec, sort_keys=True).encode() + self.hf.padding_side.encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _to_tokenized(enc) -> TokenizedText:
+    n = len(enc.ids)
+    offsets = np.asarray(enc.offsets, dtype=np.int32).reshape(n, 2)
+    words = np.asarray([-1 if w is None else w for w in enc.word_ids], dtype=np.int32)
+    return TokenizedText(ids=np.asarray(enc.ids, dtype=np.int32), offsets=offsets, word_ids=words)
