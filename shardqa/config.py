@@ -42,8 +42,8 @@ class Settings(BaseSettings):
     max_answer_len: int = Field(15, ge=1, description="longest answer span in tokens")
     max_question_len: int = Field(64, ge=1, description="longest question in tokens; longer is refused")
     max_question_chars: int = Field(1000, ge=1, description="longest question in characters; longer is refused")
-    null_threshold: float | None = Field(
-        None, description="SQuAD-2 style: answer empty when the null score beats the best span by this margin"
+    handle_impossible_answer: bool = Field(
+        False, description="SQuAD-2 style models: offer the empty answer, scored by the [CLS] span"
     )
 
     # --- index and routing --------------------------------------------------------

@@ -1,0 +1,348 @@
+"""The reader: a question plus pre-tokenised passages in, answers out.
+
+Model inputs are assembled from token ids produced ahead of time (no text is
+tokenised on the hot path but the question), and spans are decoded exactly as
+the transformers 4.57 `question-answering` pipeline does: per-window softmax,
+joint start/end scoring with start <= end and a maximum length, top-k,
+optional null answer, and widening to whole words. Tests prove both against
+the reference tokenizer and pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from shardqa.config import Settings, get_settings
+from shardqa.errors import InvalidContext, InvalidQuestion, ModelNotFound, NotAQAModel, QuestionTooLong
+from shardqa.tokenization import TextTokenizer
+from shardqa.types import Answer, Passage, TokenizedText
+
+log = logging.getLogger(__name__)
+
+#: Masked logits take this value before the softmax, as in the reference.
+_MASKED = -10000.0
+
+
+@dataclass(frozen=True)
+class Window:
+    """One (question, passage slice) model input, unpadded."""
+
+    input_ids: np.ndarray  # int64 [L]
+    token_type_ids: np.ndarray  # int64 [L]
+    attention_mask: np.ndarray  # int64 [L]
+    passage_start: int  # first passage token in this window
+    passage_end: int  # one past the last
+    context_offset: int  # sequence position of the first passage token
+
+
+@dataclass(frozen=True)
+class ReadRequest:
+    question: TokenizedText
+    passages: Sequence[Passage]
+    top_k: int = 1
+
+
+def passage_from_text(tokenizer: TextTokenizer, text: str, passage_id: str = "context", doc_id: str = "", shard: int = -1, doc_start: int = 0) -> Passage:
+    return Passage(passage_id, doc_id, shard, text, doc_start, tokenizer.tokenize(text))
+
+
+class Reader:
+    def __init__(self, tokenizer: TextTokenizer, backend, model_id: str, *, max_seq_len: int, doc_stride: int, max_answer_len: int, max_question_len: int, max_question_chars: int, handle_impossible_answer: bool, max_batch_windows: int = 64):
+        self.tokenizer = tokenizer
+        self.backend = backend
+        self.model_id = model_id
+        self.max_seq_len = max_seq_len
+        self.doc_stride = doc_stride
+        self.max_answer_len = max_answer_len
+        self.max_question_len = max_question_len
+        self.max_question_chars = max_question_chars
+        self.handle_impossible_answer = handle_impossible_answer
+        self.max_batch_windows = max_batch_windows
+
+    # --- construction ------------------------------------------------------------
+
+    @classmethod
+    def load(cls, model: str | Path | None = None, backend: str | None = None, *, settings: Settings | None = None, max_seq_len: int | None = None, doc_stride: int | None = None, max_answer_len: int | None = None, handle_impossible_answer: bool | None = None, threads: int | None = None, providers: list[str] | None = None, device: str | None = None) -> "Reader":
+        from shardqa.services.backends import load_backend, resolve_device
+
+        s = settings or get_settings()
+        model_dir = resolve_model_dir(str(model or s.model), s.cache_dir)
+        check_qa_model(model_dir)
+        tokenizer = TextTokenizer.from_pretrained(model_dir)
+        seq = max_seq_len or s.max_seq_len
+        seq = min(seq, tokenizer.model_max_length)
+        stride = doc_stride if doc_stride is not None else s.doc_stride
+        # The reference pipeline caps the stride at half a window.
+        stride = min(stride, seq // 2)
+        kind = backend or s.backend
+        be = load_backend(
+            kind,
+            model_dir,
+            device=resolve_device(device or s.device),
+            threads=s.threads if threads is None else threads,
+            cache_dir=s.cache_dir,
+            providers=providers if providers is not None else s.onnx_providers,
+        )
+        return cls(
+            tokenizer,
+            be,
+            model_id=_model_id(model_dir),
+            max_seq_len=seq,
+            doc_stride=stride,
+            max_answer_len=max_answer_len or s.max_answer_len,
+            max_question_len=min(s.max_question_len, seq - tokenizer.template.num_special - stride - 1),
+            max_question_chars=s.max_question_chars,
+            handle_impossible_answer=s.handle_impossible_answer if handle_impossible_answer is None else handle_impossible_answer,
+        )
+
+    # --- inputs --------------------------------------------------------------------
+
+    def check_question(self, question: str) -> TokenizedText:
+        if not isinstance(question, str):
+            raise InvalidQuestion("the question must be a string")
+        if not question.strip():
+            raise InvalidQuestion("the question is empty")
+        if len(question) > self.max_question_chars:
+            raise QuestionTooLong(f"the question has {len(question)} characters; the limit is {self.max_question_chars}")
+        tokens = self.tokenizer.tokenize(question)
+        if len(tokens) > self.max_question_len:
+            raise QuestionTooLong(f"the question has {len(tokens)} tokens; this model allows {self.max_question_len}")
+        if len(tokens) == 0:
+            raise InvalidQuestion("the question has no tokens the model knows")
+        return tokens
+
+    def features(self, question: TokenizedText, passage: TokenizedText) -> list[Window]:
+        """Windows over the passage, as the tokenizer's overflowing truncation
+        (`truncation='only_second'`, `stride`) would cut them."""
+        tpl = self.tokenizer.template
+        q = question.ids.astype(np.int64)
+        avail = self.max_seq_len - len(q) - tpl.num_special
+        n = len(passage)
+        if avail <= self.doc_stride and n > max(avail, 0):
+            raise QuestionTooLong(f"the question leaves {avail} tokens per window; it must leave more than the stride ({self.doc_stride})")
+        if n <= avail:
+            spans = [(0, n)]
+        else:
+            step = avail - self.doc_stride
+            spans = []
+            for start in range(0, n, step):
+                stop = min(start + avail, n)
+                spans.append((start, stop))
+                if stop == n:
+                    break
+        head = np.concatenate([tpl.prefix, q, tpl.middle])
+        head_types = np.concatenate([tpl.type_prefix, np.full(len(q), tpl.type_question), tpl.type_middle])
+        p_ids = passage.ids.astype(np.int64)
+        out = []
+        for s, e in spans:
+            ids = np.concatenate([head, p_ids[s:e], tpl.suffix])
+            types = np.concatenate([head_types, np.full(e - s, tpl.type_passage), tpl.type_suffix])
+            out.append(Window(ids, types.astype(np.int64), np.ones(len(ids), dtype=np.int64), s, e, len(head)))
+        return out
+
+    # --- answering -------------------------------------------------------------------
+
+    def answer(self, question: str, passages: Sequence[Passage | str], top_k: int = 1) -> list[Answer]:
+        q = self.check_question(question)
+        ps = []
+        for i, p in enumerate(passages):
+            if isinstance(p, str):
+                p = passage_from_text(self.tokenizer, p, passage_id=f"context-{i}" if len(passages) > 1 else "context")
+            ps.append(p)
+        return self.answer_batch([ReadRequest(q, ps, top_k)])[0]
+
+    def answer_batch(self, requests: Sequence[ReadRequest]) -> list[list[Answer]]:
+        """Answer many (question, passages) requests with as few forward passes
+        as possible: every window of every request goes into one padded batch
+        (chunked at ``max_batch_windows``)."""
+        items: list[tuple[int, Passage, Window]] = []
+        for r, req in enumerate(requests):
+            if req.top_k < 1:
+                raise InvalidQuestion("top_k must be at least 1")
+            for p in req.passages:
+                for w in self.features(req.question, p.tokens):
+                    items.append((r, p, w))
+        starts: list[np.ndarray] = []
+        ends: list[np.ndarray] = []
+        for c in range(0, len(items), self.max_batch_windows):
+            chunk = [w for _, _, w in items[c : c + self.max_batch_windows]]
+            s, e = self._forward(chunk)
+            for i, w in enumerate(chunk):
+                starts.append(s[i, : len(w.input_ids)])
+                ends.append(e[i, : len(w.input_ids)])
+
+        per_request: list[list[dict]] = [[] for _ in requests]
+        null_scores = [1_000_000.0] * len(requests)
+        for (r, p, w), s, e in zip(items, starts, ends):
+            cands, null = self._decode_window(w, p, s, e, requests[r].top_k)
+            per_request[r].extend(cands)
+            null_scores[r] = min(null_scores[r], null)
+        results = []
+        for r, req in enumerate(requests):
+            cands = per_request[r]
+            if self.handle_impossible_answer:
+                cands.append({"score": null_scores[r], "start": 0, "end": 0, "text": "", "passage": None})
+            # Stable sort: ties keep window order, as the reference does.
+            cands = sorted(cands, key=lambda c: c["score"], reverse=True)[: req.top_k]
+            results.append([self._to_answer(c) for c in cands])
+        return results
+
+    def _forward(self, windows: list[Window]) -> tuple[np.ndarray, np.ndarray]:
+        width = max(len(w.input_ids) for w in windows)
+        ids = np.full((len(windows), width), self.tokenizer.pad_id, dtype=np.int64)
+        types = np.zeros((len(windows), width), dtype=np.int64)
+        mask = np.zeros((len(windows), width), dtype=np.int64)
+        for i, w in enumerate(windows):
+            n = len(w.input_ids)
+            ids[i, :n] = w.input_ids
+            types[i, :n] = w.token_type_ids
+            mask[i, :n] = 1
+        start, end = self.backend.run(ids, types, mask)
+        return np.asarray(start, dtype=np.float32), np.asarray(end, dtype=np.float32)
+
+    def _decode_window(self, w: Window, p: Passage, start: np.ndarray, end: np.ndarray, top_k: int) -> tuple[list[dict], float]:
+        """Candidate spans of one window, following the reference step by step
+        (the same numpy operations on arrays of the same shape, so even ties
+        break the same way)."""
+        n = len(w.input_ids)
+        allowed = np.zeros(n, dtype=bool)
+        allowed[w.context_offset : w.context_offset + (w.passage_end - w.passage_start)] = True
+        # The reference keeps [CLS] selectable (SQuAD-2 null answers), then
+        # zeroes its probability; other special tokens stay masked.
+        if self.tokenizer.cls_id is not None:
+            allowed |= w.input_ids == self.tokenizer.cls_id
+        start = np.where(~allowed, _MASKED, start)[None, :]
+        end = np.where(~allowed, _MASKED, end)[None, :]
+        start = np.exp(start - start.max(axis=-1, keepdims=True))
+        start = start / start.sum()
+        end = np.exp(end - end.max(axis=-1, keepdims=True))
+        end = end / end.sum()
+        null = float((start[0, 0] * end[0, 0]).item())
+        start[0, 0] = end[0, 0] = 0.0
+
+        outer = np.matmul(np.expand_dims(start, -1), np.expand_dims(end, 1))
+        candidates = np.tril(np.triu(outer), self.max_answer_len - 1)
+        flat = candidates.flatten()
+        if top_k == 1:
+            order = [np.argmax(flat)]
+        elif len(flat) < top_k:
+            order = np.argsort(-flat)
+        else:
+            idx = np.argpartition(-flat, top_k)[0:top_k]
+            order = idx[np.argsort(-flat[idx])]
+        s_idx, e_idx = np.unravel_index(order, candidates.shape)[1:]
+        # The reference tests membership against `nonzero()` of a [1, L] mask,
+        # which also lists the row index 0: position 0 therefore always passes.
+        ok_positions = np.concatenate([np.zeros(1, dtype=np.int64), np.flatnonzero(allowed)])
+        keep = np.isin(s_idx, ok_positions) & np.isin(e_idx, ok_positions)
+        s_idx, e_idx = s_idx[keep], e_idx[keep]
+        scores = candidates[0, s_idx, e_idx]
+
+        out = []
+        for s, e, score in zip(s_idx, e_idx, scores):
+            a, b = self._char_span(w, p.tokens, int(s), int(e))
+            out.append({"score": float(score.item()), "start": a, "end": b, "text": p.text[a:b], "passage": p})
+        return out, null
+
+    @staticmethod
+    def _char_span(w: Window, tokens: TokenizedText, s: int, e: int) -> tuple[int, int]:
+        """Character span of tokens s..e, widened to whole words within the
+        window; positions outside the passage map to (0, 0) offsets like the
+        reference's special tokens."""
+        lo, hi = w.context_offset, w.context_offset + (w.passage_end - w.passage_start)
+
+        def passage_index(i: int) -> int | None:
+            return w.passage_start + (i - w.context_offset) if lo <= i < hi else None
+
+        ps, pe = passage_index(s), passage_index(e)
+        if ps is None or pe is None:
+            start = int(tokens.offsets[ps][0]) if ps is not None else 0
+            end = int(tokens.offsets[pe][1]) if pe is not None else 0
+            return start, end
+        words = tokens.word_ids[w.passage_start : w.passage_end]
+        offs = tokens.offsets[w.passage_start : w.passage_end]
+        sw, ew = tokens.word_ids[ps], tokens.word_ids[pe]
+        if sw < 0 or ew < 0:
+            return int(tokens.offsets[ps][0]), int(tokens.offsets[pe][1])
+        s_tokens = np.flatnonzero(words == sw)
+        e_tokens = np.flatnonzero(words == ew)
+        return int(offs[s_tokens[0]][0]), int(offs[e_tokens[-1]][1])
+
+    @staticmethod
+    def _to_answer(c: dict) -> Answer:
+        p: Passage | None = c["passage"]
+        if p is None:
+            return Answer(text="", score=c["score"], start=0, end=0)
+        return Answer(
+            text=c["text"],
+            score=c["score"],
+            start=p.doc_start + c["start"],
+            end=p.doc_start + c["end"],
+            passage_id=p.passage_id,
+            doc_id=p.doc_id,
+            shard=p.shard,
+        )
+
+
+# --- model folder checks ------------------------------------------------------------
+
+def resolve_model_dir(model: str, cache_dir: Path) -> Path:
+    """A local folder, or a hub id downloaded where a network exists."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ModelNotFound(f"model {model} is a file, not a model directory")
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", model):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(model, cache_dir=str(cache_dir / "hub")))
+        except Exception as exc:  # offline, unknown id, auth...
+            raise ModelNotFound(f"model {model!r} is not a local folder and could not be fetched: {str(exc).splitlines()[0]}") from None
+    raise ModelNotFound(f"model directory {model} does not exist")
+
+
+def check_qa_model(model_dir: Path) -> None:
+    cfg_path = model_dir / "config.json"
+    if not cfg_path.exists():
+        raise ModelNotFound(f"{model_dir} has no config.json; is it a Hugging Face model folder?")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelNotFound(f"{cfg_path} is not valid JSON ({exc})") from None
+    archs = cfg.get("architectures") or []
+    if not any(a.endswith("ForQuestionAnswering") for a in archs):
+        raise NotAQAModel(
+            f"{model_dir} is a {', '.join(archs) or cfg.get('model_type', 'unknown')} model, not a question-answering "
+            "model (its config names no *ForQuestionAnswering architecture)"
+        )
+
+
+def _model_id(model_dir: Path) -> str:
+    card = model_dir / "shardqa.json"
+    if card.exists():
+        try:
+            return json.loads(card.read_text()).get("model_id", model_dir.name)
+        except json.JSONDecodeError:
+            pass
+    return model_dir.name
+
+
+def read_context_file(path: str | Path) -> str:
+    """A context file's text; invalid UTF-8 is a user error, not a crash."""
+    try:
+        return Path(path).read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise InvalidContext(f"context file {path} does not exist") from None
+    except IsADirectoryError:
+        raise InvalidContext(f"context file {path} is a directory") from None
+    except UnicodeDecodeError as exc:
+        raise InvalidContext(f"context file {path} is not valid UTF-8 (byte {exc.start})") from None
