@@ -48,9 +48,9 @@ class TrainConfig:
     train_limit: int | None = None  # questions of train to use (None: all)
     bf16: bool = True
     threads: int | None = None
-    checkpoint_every: int = 200  # optimiser steps
-    eval_every: int = 500  # optimiser steps; learning-curve points
-    eval_questions: int = 1000  # dev questions per learning-curve point
+    checkpoint_every: int = 100  # optimiser steps
+    eval_every: int = 200  # optimiser steps; learning-curve points
+    eval_questions: int = 500  # dev questions per learning-curve point
     extra: dict = field(default_factory=dict)
 
 

