@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
+    CONTENT_TYPE_PLAIN_0_0_4,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -350,4 +350,7 @@ def set_index_info(version: str, model: str, shards: int) -> None:
 
 def metrics_response() -> tuple[bytes, str]:
     """(body, content type) of this process's metrics for GET /metrics."""
-    return generate_latest(_local_metrics().registry), CONTENT_TYPE_LATEST
+    # generate_latest writes the classic text format; say so explicitly, since
+    # strict scrapers (Prometheus 3) refuse a body whose declared version they
+    # do not recognise.
+    return generate_latest(_local_metrics().registry), CONTENT_TYPE_PLAIN_0_0_4
