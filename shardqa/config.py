@@ -66,6 +66,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="larger request bodies get 413")
     max_batch_questions: int = Field(64, ge=1, description="questions per /v1/answer:batch call")
     max_top_k: int = Field(10, ge=1)
+    index_refresh_s: float = Field(2.0, gt=0, description="how often the service looks for a new index version")
 
     # --- answer cache -------------------------------------------------------------
     cache_url: str | None = Field(None, description="Redis URL for the answer cache; none = in-process cache")
