@@ -49,3 +49,22 @@ class IndexNotFound(StoreError):
 
 class TokenizerMismatch(StoreError):
     code = "tokenizer_mismatch"
+
+
+class InvalidRequest(ShardQAError):
+    """A well-formed API request whose values are out of range (e.g. top_k)."""
+
+    code = "invalid_request"
+    http_status = 422
+
+
+class RequestTooLarge(ShardQAError):
+    code = "request_too_large"
+    http_status = 413
+
+
+class ServiceUnavailable(ShardQAError):
+    """The service cannot answer right now (no index loaded, a shard without replicas)."""
+
+    code = "unavailable"
+    http_status = 503
