@@ -1,0 +1,208 @@
+"""`shardqa bench`, `shardqa bench-reader` and `shardqa bench-all`."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+
+def _floats(text: str, what: str) -> tuple[float, ...]:
+    from shardqa.services.bench import BenchError
+
+    text = (text or "").strip()
+    if not text:
+        return ()
+    try:
+        vals = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise BenchError(f"{what}: expected comma-separated numbers, got {text!r}") from None
+    if any(v <= 0 for v in vals):
+        raise BenchError(f"{what}: values must be positive, got {text!r}")
+    return vals
+
+
+def _ints(text: str, what: str) -> tuple[int, ...]:
+    from shardqa.services.bench import BenchError
+
+    vals = _floats(text, what)
+    if any(v != int(v) for v in vals):
+        raise BenchError(f"{what}: expected whole numbers, got {text!r}")
+    return tuple(int(v) for v in vals)
+
+
+def default_questions_file() -> Path:
+    """SQuAD v1.1 dev, fetched into the cache directory on first use."""
+    from shardqa.config import get_settings
+    from shardqa.training.squad import fetch_squad
+
+    dest = get_settings().cache_dir / "squad"
+    path = dest / "dev-v1.1.json"
+    if not path.exists():
+        typer.echo(f"fetching SQuAD v1.1 into {dest} ...", err=True)
+        fetch_squad(dest)
+    return path
+
+
+def resolve_baseline_model(model: Optional[str], service_index: dict | None) -> str:
+    """--model, else the model the service reports (when it is a local
+    directory here), else the configured default model."""
+    from shardqa.config import get_settings
+    from shardqa.errors import ModelNotFound
+
+    if model:
+        return model
+    reported = (service_index or {}).get("model")
+    if reported and Path(reported).is_dir():
+        return str(reported)
+    default = get_settings().model
+    if Path(default).is_dir():
+        return default
+    raise ModelNotFound(
+        f"no model for the baseline: the service reports {reported!r}, which is not a local directory, and the default "
+        f"{default!r} does not exist; pass --model"
+    )
+
+
+def command_line() -> str:
+    args = [Path(sys.argv[0]).name if sys.argv else "shardqa", *sys.argv[1:]]
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def run_bench(
+    url: str,
+    questions_file: Path,
+    *,
+    limit: int,
+    concurrency: tuple[int, ...],
+    rates: tuple[float, ...],
+    top_k: int = 1,
+    seed: int = 0,
+    warmup: int = 5,
+    warm: bool = True,
+    timeout_s: float = 30.0,
+    ready_timeout_s: float = 60.0,
+    baseline: bool = True,
+    baseline_limit: int | None = None,
+    model: str | None = None,
+    corpus_file: Path | None = None,
+    log=None,
+) -> dict[str, Any]:
+    """The whole end-to-end benchmark; returns the result object."""
+    import asyncio
+
+    from shardqa.services import bench as B
+    from shardqa.training.squad import load_squad
+
+    log = log or B._log
+    examples = load_squad(questions_file)
+    plan = B.LoadPlan(concurrency=concurrency, rates=rates, per_level=limit, warmup=warmup, top_k=top_k, seed=seed,
+                      timeout_s=timeout_s, warm=warm)
+    machine = B.machine_description()
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    t0 = time.perf_counter()
+    log(f"bench: {url}, {len(concurrency) + len(rates)} load levels x {limit} questions, cold{' + warm' if warm else ''}")
+    levels, info, qplan, raw = asyncio.run(B.run_levels(url, examples, plan, ready_timeout_s=ready_timeout_s, log=log))
+    for lv in levels:
+        if lv["cache"] == "cold" and (lv["cache_hit_ratio"] or 0) > 0:
+            log(f"warning: {B.describe_level(lv).split()[0]} cold level had a cache hit ratio of {lv['cache_hit_ratio']}: "
+                "the service's cache already held some of these answers (restart the service or pass another --seed)")
+
+    result: dict[str, Any] = {"levels": levels, "baseline": None, "speedup_p50": None, "speedup_p99": None}
+    if baseline:
+        from shardqa.services.baseline import NaiveBaseline, corpus_paragraphs, run_baseline
+        from shardqa.training.squad import squad_scores
+
+        ref = B.reference_level(levels)
+        ref_i = levels.index(ref) if ref else 0
+        ref_questions, ref_samples = raw[ref_i]
+        n = min(baseline_limit or len(ref_questions), len(ref_questions))
+        same = ref_questions[:n]
+        model_id = resolve_baseline_model(model, info.get("index"))
+        corpus_examples = load_squad(corpus_file) if corpus_file else examples
+        log(f"baseline: loading {model_id} and indexing the corpus with bm25s ...")
+        naive = NaiveBaseline(model_id, corpus_paragraphs(corpus_examples))
+        log(f"baseline: {n} questions, one at a time, in-process")
+        base = run_baseline(naive, same)
+        base.pop("predictions")
+        svc_preds = {s.qid: (s.text or "") for s in ref_samples if s.ok}
+        svc = squad_scores(svc_preds, list(same))
+        base["service_f1_same_questions"] = round(svc["f1"], 3)
+        base["service_em_same_questions"] = round(svc["exact_match"], 3)
+        base["questions_from"] = B.describe_level(ref).split()[0] if ref else None
+        result["baseline"] = base
+        result.update(B.speedups(levels, base))
+        log(f"baseline: p50={base['p50_ms']:.1f} ms p99={base['p99_ms']:.1f} ms F1={base['f1']:.1f} "
+            f"(shardqa F1 on the same questions {base['service_f1_same_questions']:.1f}); speedup p50 {result['speedup_p50']}")
+    result["end_to_end_f1"] = B.end_to_end_f1(levels)
+    result["floor"] = info.get("floor")
+    result["service"] = {"url": url, "index": info.get("index")}
+    result["meta"] = {
+        "command": command_line(),
+        "started_at": started,
+        "duration_s": round(time.perf_counter() - t0, 1),
+        "questions_file": questions_file.name,
+        "distinct_questions_used": sum(len(s) for s in qplan.slices) + len(qplan.warmup),
+        "per_level": limit,
+        "concurrency": list(concurrency),
+        "rates": list(rates),
+        "top_k": top_k,
+        "seed": seed,
+        "warmup": warmup,
+        "client": "asyncio + httpx, one process on the same machine as the service; latency measured per request "
+                  "from the client (open loop: from the scheduled send time)",
+        "arrivals": "open loop: evenly spaced at 1/rate",
+    }
+    machine["loadavg_at_end"] = [round(x, 2) for x in __import__("os").getloadavg()]
+    result["machine"] = machine
+    result["targets"] = B.evaluate_targets(result)
+    return result
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def bench(
+        url: str = typer.Option("http://127.0.0.1:8000", "--url", help="base URL of a running shardqa service"),
+        questions: Optional[Path] = typer.Option(None, "--questions", help="SQuAD-format JSON with gold answers [default: SQuAD v1.1 dev]"),
+        limit: int = typer.Option(200, "--limit", min=1, help="distinct questions per load level"),
+        concurrency: str = typer.Option("1,4,16", "--concurrency", help="closed-loop concurrency levels, comma-separated"),
+        rates: str = typer.Option("", "--rates", help="open-loop request rates per second, comma-separated (e.g. 20,40,60)"),
+        top_k: int = typer.Option(1, "--top-k", min=1, help="top_k sent with every question"),
+        seed: int = typer.Option(0, "--seed", help="question shuffle seed; change it to get questions the service has not cached"),
+        warmup: int = typer.Option(5, "--warmup", min=0, help="unmeasured warm-up questions (never reused)"),
+        warm: bool = typer.Option(True, "--warm/--no-warm", help="replay each level's questions for a warm (cached) run"),
+        baseline: bool = typer.Option(True, "--baseline/--no-baseline", help="run the naive BM25 + torch baseline in the same run"),
+        baseline_limit: Optional[int] = typer.Option(None, "--baseline-limit", min=1, help="questions for the baseline [default: --limit]"),
+        model: Optional[str] = typer.Option(None, "--model", help="model for the baseline [default: the service's model]"),
+        corpus: Optional[Path] = typer.Option(None, "--corpus", help="SQuAD-format JSON whose paragraphs the baseline searches [default: --questions]"),
+        timeout: float = typer.Option(30.0, "--timeout", min=0.1, help="per-request timeout, seconds"),
+        ready_timeout: float = typer.Option(60.0, "--ready-timeout", min=0, help="wait this long for /readyz"),
+        out: Path = typer.Option(Path("benchmarks/results"), "--out", help="directory for bench.json, bench.md, bench.png"),
+        as_json: bool = typer.Option(False, "--json", help="print the result as one JSON object"),
+    ) -> None:
+        """Drive a running service over HTTP: latency, throughput, cache hits and EM/F1 per load level, cold and warm, against the naive baseline."""
+        from shardqa.services import bench as B
+
+        conc = _ints(concurrency, "--concurrency")
+        rts = _floats(rates, "--rates")
+        qfile = questions or default_questions_file()
+        result = run_bench(url, qfile, limit=limit, concurrency=conc, rates=rts, top_k=top_k, seed=seed, warmup=warmup,
+                           warm=warm, timeout_s=timeout, ready_timeout_s=ready_timeout, baseline=baseline,
+                           baseline_limit=baseline_limit, model=model, corpus_file=corpus)
+        paths = B.write_reports(result, out)
+        if as_json:
+            typer.echo(json.dumps(result))
+        else:
+            typer.echo(B.levels_table(result["levels"]))
+            typer.echo("")
+            typer.echo(B.baseline_table(result))
+            typer.echo("")
+            typer.echo(B.targets_table(result["targets"]))
+            typer.echo("")
+            typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
