@@ -1,0 +1,250 @@
+"""The answer cache: Redis when a URL is configured, else in-process.
+
+* Keys are a hash of (index version, normalised question, top_k): user text
+  never appears in key names, and answers of one index version can never be
+  served for another.
+* Single-flight: concurrent misses for one key run inference once. Within a
+  process, waiters share one future; across ingress replicas, a short Redis
+  lock (SET NX PX) makes the others wait for the value instead of computing.
+* The cache is an optimisation, never a dependency: every Redis call has a
+  deadline, and an error or timeout makes the request go uncached (counted as
+  a cache "error"). After a failure Redis is left alone for a short back-off
+  so an outage costs one timeout per back-off period, not one per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import time
+import unicodedata
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Protocol
+
+from shardqa.monitoring import metrics
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIX = "shardqa:answer:"
+LOCK_PREFIX = "shardqa:answer-lock:"
+
+_SPACES = re.compile(r"\s+")
+
+
+def normalise_question(question: str, lowercase: bool) -> str:
+    """The form of a question that decides its answer: surrounding and repeated
+    whitespace never change it; case only when the model ignores case."""
+    q = _SPACES.sub(" ", unicodedata.normalize("NFC", question)).strip()
+    return q.lower() if lowercase else q
+
+
+def cache_key(index_version: str, normalised_question: str, top_k: int) -> str:
+    digest = hashlib.blake2b(
+        f"{index_version}\x00{top_k}\x00{normalised_question}".encode(), digest_size=20
+    ).hexdigest()
+    return digest
+
+
+class CacheBackend(Protocol):
+    async def get(self, key: str) -> bytes | None: ...
+    async def set(self, key: str, value: bytes, ttl_s: int) -> None: ...
+    async def try_lock(self, key: str, ttl_ms: int) -> bool: ...
+    async def unlock(self, key: str) -> None: ...
+    async def close(self) -> None: ...
+
+    @property
+    def shared(self) -> bool:
+        """True when other processes see the same entries (locks matter)."""
+        ...
+
+
+class MemoryBackend:
+    """An LRU of bounded size with per-entry expiry, for one process."""
+
+    shared = False
+
+    def __init__(self, max_entries: int = 10_000):
+        self.max_entries = max_entries
+        self._data: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+
+    async def get(self, key: str) -> bytes | None:
+        item = self._data.get(key)
+        if item is None:
+            return None
+        expires, value = item
+        if expires < time.monotonic():
+            del self._data[key]
+            return None
+        self._data.move_to_end(key)
+        return value
+
+    async def set(self, key: str, value: bytes, ttl_s: int) -> None:
+        self._data[key] = (time.monotonic() + ttl_s, value)
+        self._data.move_to_end(key)
+        while len(self._data) > self.max_entries:
+            self._data.popitem(last=False)
+
+    async def try_lock(self, key: str, ttl_ms: int) -> bool:
+        return True  # the in-process single-flight already covers one process
+
+    async def unlock(self, key: str) -> None:
+        return None
+
+    async def close(self) -> None:
+        self._data.clear()
+
+
+class RedisBackend:
+    """redis:// or rediss:// (one server), or redis+cluster://host:port[,host:port]."""
+
+    shared = True
+
+    def __init__(self, url: str, timeout_s: float):
+        self.url = url
+        self.timeout_s = timeout_s
+        self._client = None
+
+    def _connect(self):
+        # Created on first use, inside the event loop that will use it: a
+        # Serve replica runs user code on its own loop, not the constructor's.
+        if self._client is None:
+            import redis.asyncio as aioredis
+
+            opts = dict(socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s, retry_on_timeout=False)
+            if self.url.startswith("redis+cluster://"):
+                from redis.asyncio.cluster import ClusterNode
+
+                nodes = []
+                for hostport in self.url.removeprefix("redis+cluster://").split("/")[0].split(","):
+                    host, _, port = hostport.rpartition(":")
+                    nodes.append(ClusterNode(host or "localhost", int(port or 6379)))
+                self._client = aioredis.RedisCluster(startup_nodes=nodes, **opts)
+            else:
+                self._client = aioredis.Redis.from_url(self.url, **opts)
+        return self._client
+
+    async def get(self, key: str) -> bytes | None:
+        return await self._connect().get(KEY_PREFIX + key)
+
+    async def set(self, key: str, value: bytes, ttl_s: int) -> None:
+        await self._connect().set(KEY_PREFIX + key, value, ex=ttl_s)
+
+    async def try_lock(self, key: str, ttl_ms: int) -> bool:
+        return bool(await self._connect().set(LOCK_PREFIX + key, b"1", nx=True, px=ttl_ms))
+
+    async def unlock(self, key: str) -> None:
+        await self._connect().delete(LOCK_PREFIX + key)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.aclose()
+
+
+@dataclass
+class CacheResult:
+    value: bytes
+    #: True when this request did not run inference for the value: a cache
+    #: hit, or a wait on another request's identical computation.
+    shared: bool
+
+
+class AnswerCache:
+    def __init__(self, backend: CacheBackend, ttl_s: int, timeout_s: float, *, lock_ttl_ms: int = 2000, retry_after_s: float = 1.0):
+        self.backend = backend
+        self.ttl_s = ttl_s
+        self.timeout_s = timeout_s
+        self.lock_ttl_ms = lock_ttl_ms
+        self.retry_after_s = retry_after_s
+        self._down_until = 0.0
+        self._inflight: dict[str, asyncio.Future[bytes]] = {}
+
+    @classmethod
+    def from_url(cls, url: str | None, ttl_s: int, timeout_s: float) -> "AnswerCache":
+        backend: CacheBackend = RedisBackend(url, timeout_s) if url else MemoryBackend()
+        return cls(backend, ttl_s, timeout_s)
+
+    @property
+    def available(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    async def _call(self, op: Awaitable, what: str):
+        """Run one cache operation under the deadline; (ok, result)."""
+        if not self.available:
+            op.close()  # type: ignore[attr-defined]  # a never-awaited coroutine would warn
+            return False, None
+        try:
+            return True, await asyncio.wait_for(op, self.timeout_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # redis errors, OSError, TimeoutError: all mean "no cache now"
+            self._down_until = time.monotonic() + self.retry_after_s
+            log.warning("answer cache %s failed (%s: %s); serving uncached for %.1fs", what, type(exc).__name__, exc, self.retry_after_s)
+            return False, None
+
+    async def lookup(self, key: str) -> bytes | None:
+        ok, value = await self._call(self.backend.get(key), "get")
+        metrics.record_cache("hit" if value is not None else "miss" if ok else "error")
+        return value
+
+    async def get_or_compute(self, key: str, compute: Callable[[], Awaitable[bytes]]) -> CacheResult:
+        """The cached value of `key`, else `compute()`'s, stored for the next
+        request; one computation per key at a time."""
+        t0 = time.perf_counter()
+        value = await self.lookup(key)
+        metrics.record_stage("cache", time.perf_counter() - t0)
+        if value is not None:
+            return CacheResult(value, shared=True)
+        return await self.compute_once(key, compute)
+
+    async def compute_once(self, key: str, compute: Callable[[], Awaitable[bytes]]) -> CacheResult:
+        running = self._inflight.get(key)
+        if running is not None:
+            return CacheResult(await asyncio.shield(running), shared=True)
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        locked = False
+        try:
+            if self.backend.shared:
+                ok, locked = await self._call(self.backend.try_lock(key, self.lock_ttl_ms), "lock")
+                if ok and not locked:
+                    value = await self._wait_for_peer(key)
+                    if value is not None:
+                        future.set_result(value)
+                        return CacheResult(value, shared=True)
+            value = await compute()
+            await self._call(self.backend.set(key, value, self.ttl_s), "set")
+            future.set_result(value)
+            return CacheResult(value, shared=False)
+        except BaseException as exc:
+            if not future.done():
+                future.set_exception(exc)
+                # Waiters re-raise it; retrieve it here so an unshared failure
+                # does not log "exception was never retrieved".
+                future.exception()
+            raise
+        finally:
+            del self._inflight[key]
+            if locked:
+                await self._call(self.backend.unlock(key), "unlock")
+
+    async def _wait_for_peer(self, key: str) -> bytes | None:
+        """Another process holds the lock: poll for its value until the lock
+        would have expired; None means compute it here after all."""
+        deadline = time.monotonic() + self.lock_ttl_ms / 1000
+        delay = 0.002
+        while time.monotonic() < deadline:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+            ok, value = await self._call(self.backend.get(key), "get")
+            if not ok:
+                return None
+            if value is not None:
+                return value
+        return None
+
+    async def close(self) -> None:
+        await self.backend.close()

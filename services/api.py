@@ -1,0 +1,207 @@
+"""The HTTP API: a FastAPI app over a QAService.
+
+Every error is JSON `{"error": {"code", "message"}}`: client mistakes get
+the right 4xx (FastAPI's own validation errors included), a service that
+cannot answer yet gets 503, and a bug gets a bare 500 — never a stack trace.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from shardqa.config import Settings
+from shardqa.errors import ShardQAError
+from shardqa.monitoring import metrics
+from shardqa.services.api_models import (
+    AnswerRequest,
+    AnswerResponse,
+    BatchAnswerRequest,
+    BatchAnswerResponse,
+    ErrorResponse,
+    Health,
+    IndexInfo,
+    Readiness,
+)
+from shardqa.services.qa_service import QAService
+
+log = logging.getLogger(__name__)
+
+JSON = "application/json"
+ENDPOINTS = frozenset({"/v1/answer", "/v1/answer:batch", "/v1/index", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"})
+_STATUS_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large", 415: "unsupported_media_type"}
+
+ERRORS = {
+    400: {"model": ErrorResponse, "description": "Invalid question or malformed JSON"},
+    413: {"model": ErrorResponse, "description": "Request body too large"},
+    422: {"model": ErrorResponse, "description": "Wrong field types, unknown fields, or values out of range"},
+    503: {"model": ErrorResponse, "description": "No index loaded yet, or a shard has no live replica"},
+}
+
+
+def error_response(status: int, code: str, message: str) -> Response:
+    metrics.record_error(code)
+    return Response(json.dumps({"error": {"code": code, "message": message}}).encode(), status_code=status, media_type=JSON)
+
+
+def _describe_validation(exc: RequestValidationError) -> tuple[int, str, str]:
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return 400, "invalid_json", "the request body is not valid JSON"
+    parts = []
+    for e in errors[:5]:
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
+        msg = e.get("msg", "invalid value")
+        if e.get("type") == "extra_forbidden":
+            msg = "unknown field"
+        elif e.get("type") == "missing":
+            msg = "field required"
+        parts.append(f"{loc}: {msg}")
+    return 422, "validation_error", "; ".join(parts)
+
+
+class RequestGate:
+    """A plain ASGI middleware (cheaper than Starlette's BaseHTTPMiddleware):
+    refuses bodies over the limit with 413 before anything parses them, and
+    records every request's latency and status."""
+
+    def __init__(self, app, *, max_body_bytes: int):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        path = scope.get("path", "")
+        status_holder = [500]
+
+        async def send_recording(message):
+            if message["type"] == "http.response.start":
+                status_holder[0] = message["status"]
+            await send(message)
+
+        try:
+            if scope.get("method") in ("POST", "PUT", "PATCH"):
+                body = await self._read_body(scope, receive, send_recording)
+                if body is None:
+                    return
+                replayed = False
+
+                async def replay():
+                    nonlocal replayed
+                    if not replayed:
+                        replayed = True
+                        return {"type": "http.request", "body": body, "more_body": False}
+                    return await receive()
+
+                await self.app(scope, replay, send_recording)
+            else:
+                await self.app(scope, receive, send_recording)
+        finally:
+            state = scope.get("state") or {}
+            metrics.record_request(
+                path if path in ENDPOINTS else "unmatched", status_holder[0], time.perf_counter() - t0, bool(state.get("cached", False))
+            )
+
+    async def _read_body(self, scope, receive, send) -> bytes | None:
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        if declared is not None:
+            try:
+                too_big = int(declared) > self.max_body_bytes
+            except ValueError:
+                await error_response(400, "bad_request", "invalid Content-Length header")(scope, receive, send)
+                return None
+            if too_big:
+                await self._too_large(scope, receive, send)
+                return None
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                await self._too_large(scope, receive, send)
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _too_large(self, scope, receive, send) -> None:
+        await error_response(413, "request_too_large", f"the request body is larger than {self.max_body_bytes} bytes")(scope, receive, send)
+
+
+def create_api(service: QAService, settings: Settings) -> FastAPI:
+    app = FastAPI(
+        title="shardqa",
+        version="1",
+        description="Extractive question answering over a sharded, pre-tokenised index.",
+    )
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, exc: RequestValidationError):
+        status, code, message = _describe_validation(exc)
+        return error_response(status, code, message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException):
+        code = _STATUS_CODES.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(ShardQAError)
+    async def on_shardqa_error(request: Request, exc: ShardQAError):
+        # An error raised in a shard replica arrives wrapped by Ray, whose
+        # string form carries the remote traceback; report the cause only.
+        cause = getattr(exc, "cause", None) or exc
+        return error_response(exc.http_status, exc.code, str(cause))
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, exc: Exception):
+        log.exception("unexpected error answering %s", request.url.path)
+        return error_response(500, "internal_error", "internal error; see the server log")
+
+    @app.post("/v1/answer", response_model=AnswerResponse, responses=ERRORS, summary="Answer one question")
+    async def answer(body: AnswerRequest, request: Request):
+        outcome = await service.answer(body.question, body.top_k)
+        request.state.cached = outcome.cached
+        return Response(outcome.body(), media_type=JSON)
+
+    @app.post("/v1/answer:batch", response_model=BatchAnswerResponse, responses=ERRORS, summary="Answer many questions")
+    async def answer_batch(body: BatchAnswerRequest):
+        outcomes = await service.answer_many(body.questions, body.top_k)
+        return Response(b'{"results":[%s]}' % b",".join(o.body() for o in outcomes), media_type=JSON)
+
+    @app.get("/v1/index", response_model=IndexInfo, responses={503: ERRORS[503]}, summary="The index being served")
+    async def index():
+        return service.index_info()
+
+    @app.get("/healthz", response_model=Health, summary="Liveness: the ingress is up")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get(
+        "/readyz",
+        response_model=Readiness,
+        responses={503: {"model": Readiness, "description": "Not ready"}},
+        summary="Readiness: the index is loaded and every shard has a live replica holding it",
+    )
+    async def readyz():
+        r = await service.readiness()
+        body = {"ready": r.ready, "reason": r.reason, "index_version": r.index_version, "shards": r.shards}
+        return Response(json.dumps(body).encode(), status_code=200 if r.ready else 503, media_type=JSON)
+
+    @app.get("/metrics", summary="Prometheus metrics of this ingress replica", response_class=Response)
+    async def prometheus_metrics():
+        body, content_type = metrics.metrics_response()
+        return Response(body, media_type=content_type)
+
+    app.add_middleware(RequestGate, max_body_bytes=settings.max_body_bytes)
+    return app

@@ -1,0 +1,103 @@
+"""The Ray Serve deployments: one per shard, and the HTTP ingress.
+
+Each shard is its own deployment (`shard-0`, `shard-1`, ...), so a replica
+of it holds exactly that shard's passages, and Serve's handle routing, health
+checks and replacement of dead replicas all work per shard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from ray import serve
+
+from shardqa.errors import IndexNotFound
+from shardqa.services.service_config import ServiceConfig
+from shardqa.services.shard_worker import ShardQuery, ShardStatus, ShardWorker
+from shardqa.types import Answer
+
+log = logging.getLogger("ray.serve")
+
+
+@serve.deployment(name="shard", health_check_period_s=5, health_check_timeout_s=10)
+class ShardDeployment:
+    async def __init__(self, shard: int, config: ServiceConfig):
+        from shardqa.monitoring import metrics
+        from shardqa.preprocessing.store import open_store
+        from shardqa.services.reader import Reader
+
+        settings = config.settings
+        self.shard = shard
+        self.settings = settings
+        self._metrics = metrics
+        # The model runs on one dedicated thread: the replica's event loop
+        # stays free to queue the next batch while a forward pass runs, and
+        # the thread count of the model is set by `threads`, not by callers.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"shard{shard}")
+        reader = Reader.load(settings=settings, threads=config.resources(shard).threads(settings))
+        self.worker = ShardWorker(shard, reader, open_store(settings.store))
+        self.answer_batch.set_max_batch_size(settings.max_batch_size)
+        self.answer_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        try:
+            await self._run(self.worker.load_current)
+        except IndexNotFound as exc:
+            log.warning("shard %d: no index yet (%s); loading it when it appears", shard, exc)
+        self._refresher = asyncio.create_task(self._refresh_loop())
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def _refresh_loop(self) -> None:
+        # Every replica preloads a new index version on its own, so the
+        # ingress's switch (which tells one replica per shard) finds all
+        # replicas ready instead of the first requests paying the load.
+        while True:
+            await asyncio.sleep(self.settings.index_refresh_s)
+            try:
+                await self._run(self.worker.load_current)
+            except Exception as exc:
+                log.warning("shard %d: index refresh failed: %s", self.shard, exc)
+
+    async def answer(self, query: ShardQuery) -> list[Answer]:
+        return await self.answer_batch(query)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def answer_batch(self, queries: list[ShardQuery]) -> list[list[Answer]]:
+        t0 = time.perf_counter()
+        results = await self._run(self.worker.answer_batch, queries)
+        self._metrics.record_shard_inference(self.shard, time.perf_counter() - t0, len(queries))
+        return results
+
+    async def prepare(self, version: str) -> ShardStatus:
+        await self._run(self.worker.passages, version)
+        return self.worker.status()
+
+    async def status(self) -> ShardStatus:
+        return self.worker.status()
+
+    def check_health(self) -> None:
+        # Serve replaces a replica whose check raises. A replica without any
+        # index is still healthy (the index may not be built yet); /readyz
+        # of the ingress reports that case.
+        if self._executor._shutdown:  # noqa: SLF001 - the only signal a dead pool gives
+            raise RuntimeError("the model thread pool is shut down")
+
+
+@serve.deployment(name="ingress")
+@serve.ingress()
+class IngressDeployment:
+    async def __init__(self, config: ServiceConfig, *shard_handles):
+        from shardqa.services.qa_service import QAService
+        from shardqa.services.shard_client import ServeShards
+
+        self.config = config
+        self.service = QAService.create(config.settings, ServeShards(shard_handles))
+        await self.service.start()
+
+    def __serve_build_asgi_app__(self):
+        from shardqa.services.api import create_api
+
+        return create_api(self.service, self.config.settings)

@@ -1,0 +1,292 @@
+"""Answering a question across shards: validate, cache lookup, tokenise once,
+route, fan out to the chosen shards concurrently, merge by score, cache fill.
+
+Index versions: the service answers from one `IndexView` (version, manifest,
+router) at a time and every request pins the view it started with, so the
+router, the shards' passages (each request names its version), the cache key
+and the reported `index_version` always agree. A new version found in the
+store is loaded beside the old one, the shards are told to load it, and only
+then does the view switch — in one assignment, so no request ever mixes two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+from itertools import chain
+
+from shardqa.config import Settings
+from shardqa.errors import IndexNotFound, InvalidRequest, ServiceUnavailable, ShardQAError
+from shardqa.monitoring import metrics
+from shardqa.services.answer_cache import AnswerCache, cache_key, normalise_question
+from shardqa.services.questions import QuestionChecker
+from shardqa.services.shard_client import ShardClient
+from shardqa.services.shard_worker import ShardQuery
+from shardqa.types import Answer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IndexView:
+    version: str
+    manifest: object  # shardqa.preprocessing.store.IndexManifest
+    router: object  # shardqa.router.Router
+
+
+@dataclass(frozen=True)
+class Outcome:
+    answers_json: bytes  # a JSON array of answer objects, as cached
+    cached: bool
+    index_version: str
+
+    def body(self) -> bytes:
+        return b'{"answers":%s,"cached":%s,"index_version":%s}' % (
+            self.answers_json,
+            b"true" if self.cached else b"false",
+            json.dumps(self.index_version).encode(),
+        )
+
+
+@dataclass(frozen=True)
+class Readiness:
+    ready: bool
+    reason: str
+    index_version: str | None
+    shards: list[dict]
+
+
+def encode_answers(answers: list[Answer]) -> bytes:
+    return json.dumps(
+        [
+            {"text": a.text, "score": a.score, "doc_id": a.doc_id, "passage_id": a.passage_id, "start": a.start, "end": a.end, "shard": a.shard}
+            for a in answers
+        ],
+        separators=(",", ":"),
+    ).encode()
+
+
+class QAService:
+    def __init__(self, settings: Settings, store, shards: ShardClient, checker: QuestionChecker, cache: AnswerCache):
+        self.settings = settings
+        self.store = store
+        self.shards = shards
+        self.checker = checker
+        self.cache = cache
+        #: The model the shards run, as they report it.
+        self.model_id = ""
+        self.view: IndexView | None = None
+        self.view_problem = "no index loaded yet"
+        self._refresher: asyncio.Task | None = None
+        self._refresh_lock = asyncio.Lock()
+
+    @classmethod
+    def create(cls, settings: Settings, shards: ShardClient) -> "QAService":
+        from shardqa.preprocessing.store import open_store
+        from shardqa.tokenization import TextTokenizer
+
+        tokenizer = TextTokenizer.from_pretrained(settings.model)
+        checker = QuestionChecker.for_settings(settings, tokenizer)
+        cache = AnswerCache.from_url(settings.cache_url, settings.cache_ttl_s, settings.cache_timeout_s)
+        return cls(settings, open_store(settings.store), shards, checker, cache)
+
+    # --- index versions -----------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start watching the store: the current index is loaded in the
+        background, so the service is up (and /readyz says why it is not
+        ready) while shards start or the index is still being built."""
+        self._refresher = asyncio.create_task(self._refresh_loop())
+
+    async def stop(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+        await self.cache.close()
+
+    async def wait_loaded(self, timeout_s: float) -> IndexView:
+        deadline = time.monotonic() + timeout_s
+        while self.view is None:
+            if time.monotonic() > deadline:
+                raise ServiceUnavailable(f"no index loaded after {timeout_s:.0f}s: {self.view_problem}")
+            await asyncio.sleep(0.05)
+        return self.view
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # keep serving the current view; try again next tick
+                if self.view is None:
+                    self.view_problem = str(exc)
+                log.warning("index refresh failed: %s", exc)
+            await asyncio.sleep(self.settings.index_refresh_s)
+
+    async def refresh(self) -> bool:
+        """Switch to the store's current version if it changed; True if switched."""
+        async with self._refresh_lock:
+            try:
+                version = await asyncio.to_thread(self.store.current_version)
+            except IndexNotFound as exc:
+                self.view_problem = str(exc)
+                raise
+            if self.view is not None and self.view.version == version:
+                return False
+            view = await asyncio.to_thread(self._build_view, version)
+            shards = view.manifest.shards
+            if shards != self.shards.num_shards:
+                self.view_problem = (
+                    f"index version {version} has {shards} shards but the service was deployed with "
+                    f"{self.shards.num_shards}; redeploy to serve it"
+                )
+                log.error("%s", self.view_problem)
+                return False
+            # Every shard holds the new version before any request uses it.
+            statuses = await asyncio.gather(*(self.shards.prepare(s, version) for s in range(shards)))
+            self.model_id = statuses[0].model_id
+            old, self.view = self.view, view
+            self.view_problem = ""
+            metrics.set_index_info(version, self.model_id, shards)
+            log.info("serving index version %s (was %s)", version, old.version if old else "none")
+            return True
+
+    def _build_view(self, version: str) -> IndexView:
+        from shardqa.router import Router
+
+        manifest = self.store.manifest(version)
+        fingerprint = getattr(manifest, "tokenizer_fingerprint", None)
+        if fingerprint and fingerprint != self.checker.tokenizer.fingerprint:
+            from shardqa.errors import TokenizerMismatch
+
+            raise TokenizerMismatch(
+                f"index version {version} was tokenised with tokenizer {fingerprint}, "
+                f"but the serving model's is {self.checker.tokenizer.fingerprint}; re-index with this model"
+            )
+        return IndexView(version, manifest, Router.from_store(self.store, version))
+
+    def current_view(self) -> IndexView:
+        view = self.view
+        if view is None:
+            raise ServiceUnavailable(f"not ready: {self.view_problem}")
+        return view
+
+    # --- answering -------------------------------------------------------------------
+
+    def _check_top_k(self, top_k: int) -> None:
+        if not 1 <= top_k <= self.settings.max_top_k:
+            raise InvalidRequest(f"top_k must be between 1 and {self.settings.max_top_k}")
+
+    async def answer(self, question: str, top_k: int = 1) -> Outcome:
+        t0 = time.perf_counter()
+        self.checker.check_text(question)
+        self._check_top_k(top_k)
+        view = self.current_view()
+        metrics.record_stage("validate", time.perf_counter() - t0)
+        return await self._answer_checked(view, question, top_k)
+
+    async def answer_many(self, questions: list[str], top_k: int = 1) -> list[Outcome]:
+        t0 = time.perf_counter()
+        if not questions:
+            raise InvalidRequest("questions must not be empty")
+        if len(questions) > self.settings.max_batch_questions:
+            raise InvalidRequest(f"at most {self.settings.max_batch_questions} questions per batch call")
+        for i, q in enumerate(questions):
+            try:
+                self.checker.check_text(q)
+            except ShardQAError as exc:
+                raise type(exc)(f"questions[{i}]: {exc}") from None
+        self._check_top_k(top_k)
+        view = self.current_view()
+        metrics.record_stage("validate", time.perf_counter() - t0)
+        # Each question takes the single-question path; the shards' dynamic
+        # batching turns the concurrent calls into batched forward passes.
+        return list(await asyncio.gather(*(self._answer_checked(view, q, top_k, i) for i, q in enumerate(questions))))
+
+    async def _answer_checked(self, view: IndexView, question: str, top_k: int, position: int | None = None) -> Outcome:
+        key = cache_key(view.version, normalise_question(question, self.checker.case_insensitive), top_k)
+        try:
+            result = await self.cache.get_or_compute(key, lambda: self._infer(view, question, top_k))
+        except ShardQAError as exc:
+            if position is None:
+                raise
+            raise type(exc)(f"questions[{position}]: {exc}") from None
+        return Outcome(result.value, result.shared, view.version)
+
+    async def _infer(self, view: IndexView, question: str, top_k: int) -> bytes:
+        t0 = time.perf_counter()
+        tokens = self.checker.tokenize(question)
+        t1 = time.perf_counter()
+        metrics.record_stage("tokenize", t1 - t0)
+
+        route = view.router.route(question, self.settings.route_k)
+        t2 = time.perf_counter()
+        metrics.record_stage("route", t2 - t1)
+        if route.passages:
+            metrics.record_route_score(route.passages[0].score)
+        by_shard = route.by_shard or _group_by_shard(route.passages)
+        metrics.record_shards_touched(len(by_shard))
+        if not by_shard:
+            return b"[]"
+
+        results = await asyncio.gather(
+            *(self._ask(shard, ShardQuery(view.version, tokens, tuple(pids), top_k)) for shard, pids in by_shard.items())
+        )
+        t3 = time.perf_counter()
+        metrics.record_stage("shard_inference", t3 - t2)
+
+        merged = sorted(chain.from_iterable(results), key=lambda a: a.score, reverse=True)[:top_k]
+        body = encode_answers(merged)
+        metrics.record_stage("merge", time.perf_counter() - t3)
+        return body
+
+    async def _ask(self, shard: int, query: ShardQuery) -> list[Answer]:
+        with metrics.shard_inflight(shard):
+            return await self.shards.answer(shard, query)
+
+    # --- status ------------------------------------------------------------------------
+
+    async def readiness(self, timeout_s: float = 2.0) -> Readiness:
+        view = self.view
+        shard_states: list[dict] = []
+
+        async def one(shard: int) -> dict:
+            try:
+                st = await self.shards.status(shard, timeout_s)
+            except Exception as exc:
+                return {"shard": shard, "ready": False, "detail": f"no live replica ({type(exc).__name__})"}
+            ok = view is not None and view.version in st.versions
+            return {"shard": shard, "ready": ok, "versions": list(st.versions), "passages": st.passages}
+
+        shard_states = list(await asyncio.gather(*(one(s) for s in range(self.shards.num_shards))))
+        if view is None:
+            return Readiness(False, self.view_problem or "no index loaded", None, shard_states)
+        missing = [s["shard"] for s in shard_states if not s["ready"]]
+        if missing:
+            return Readiness(False, f"shard(s) {missing} not ready", view.version, shard_states)
+        return Readiness(True, "ok", view.version, shard_states)
+
+    def index_info(self) -> dict:
+        view = self.current_view()
+        m = view.manifest
+        return {
+            "version": view.version,
+            "shards": m.shards,
+            "num_documents": m.num_documents,
+            "num_passages": m.num_passages,
+            "passages_per_shard": list(m.passages_per_shard),
+            "tokens_per_shard": list(m.tokens_per_shard),
+            "index_model": m.model,
+            "created_at": m.created_at,
+            "model": self.model_id,
+        }
+
+
+def _group_by_shard(passages) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
+    for p in passages:
+        out.setdefault(p.shard, []).append(p.passage_id)
+    return out

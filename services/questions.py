@@ -1,0 +1,52 @@
+"""Question validation and tokenisation in the ingress, without a model.
+
+The ingress tokenises each question once and sends token ids to the shards,
+so it must refuse exactly the questions the reader would refuse, with the
+reader's limits, while loading only the tokenizer.
+"""
+
+from __future__ import annotations
+
+from shardqa.config import Settings
+from shardqa.errors import InvalidQuestion, QuestionTooLong
+from shardqa.tokenization import TextTokenizer
+from shardqa.types import TokenizedText
+
+
+def max_question_tokens(settings: Settings, tokenizer: TextTokenizer) -> int:
+    """The reader's limit (see Reader.load): the configured maximum, and never
+    so long that a window keeps no more passage tokens than the stride."""
+    seq = min(settings.max_seq_len, tokenizer.model_max_length)
+    stride = min(settings.doc_stride, seq // 2)
+    return min(settings.max_question_len, seq - tokenizer.template.num_special - stride - 1)
+
+
+class QuestionChecker:
+    def __init__(self, tokenizer: TextTokenizer, max_chars: int, max_tokens: int):
+        self.tokenizer = tokenizer
+        self.max_chars = max_chars
+        self.max_tokens = max_tokens
+        # An uncased tokenizer maps "Who" and "who" to the same ids, so the
+        # answer cache may fold case too; a cased one must not.
+        self.case_insensitive = bool((tokenizer.tokenize("Who Paris").ids == tokenizer.tokenize("who paris").ids).all())
+
+    @classmethod
+    def for_settings(cls, settings: Settings, tokenizer: TextTokenizer) -> "QuestionChecker":
+        return cls(tokenizer, settings.max_question_chars, max_question_tokens(settings, tokenizer))
+
+    def check_text(self, question: str) -> None:
+        """The checks that need no tokenizer, so a cache hit skips tokenising."""
+        if not isinstance(question, str):
+            raise InvalidQuestion("the question must be a string")
+        if not question.strip():
+            raise InvalidQuestion("the question is empty")
+        if len(question) > self.max_chars:
+            raise QuestionTooLong(f"the question has {len(question)} characters; the limit is {self.max_chars}")
+
+    def tokenize(self, question: str) -> TokenizedText:
+        tokens = self.tokenizer.tokenize(question)
+        if len(tokens) > self.max_tokens:
+            raise QuestionTooLong(f"the question has {len(tokens)} tokens; this model allows {self.max_tokens}")
+        if len(tokens) == 0:
+            raise InvalidQuestion("the question has no tokens the model knows")
+        return tokens

@@ -1,0 +1,99 @@
+"""Running the Serve application: on an existing Ray cluster, or on an
+embedded single-node Ray started here."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import httpx
+
+from shardqa.errors import ServiceUnavailable
+from shardqa.services.app import APP_NAME, build_graph
+from shardqa.services.service_config import ServiceConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunningService:
+    url: str
+    embedded_ray: bool
+    app_name: str
+
+    def shutdown(self) -> None:
+        import ray
+        from ray import serve
+
+        try:
+            serve.delete(self.app_name)
+        finally:
+            if self.embedded_ray:
+                serve.shutdown()
+                ray.shutdown()
+
+
+def ray_address(explicit: str | None) -> str | None:
+    return explicit or os.environ.get("RAY_ADDRESS") or None
+
+
+def start_ray(config: ServiceConfig, address: str | None, *, quiet: bool = True) -> bool:
+    """Connect to `address`, else start an embedded Ray; True if embedded.
+
+    The embedded Ray offers at least as many logical CPUs as the deployments
+    reserve: replicas' `num_cpus` are scheduling units, and actual compute
+    is bounded by each model's thread count instead (ShardResources.threads).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=not quiet)
+        return False
+    num_cpus = max(os.cpu_count() or 1, math.ceil(config.total_cpus))
+    num_gpus = math.ceil(config.total_gpus) if config.total_gpus else None
+    ray.init(
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        log_to_driver=not quiet,
+    )
+    return True
+
+
+def deploy(config: ServiceConfig, host: str, port: int, *, address: str | None = None, quiet: bool = True, app_name: str = APP_NAME) -> RunningService:
+    """Start (or join) Ray and Serve, deploy the application, return once every
+    deployment's constructor has finished (not yet necessarily ready)."""
+    from ray import serve
+    from ray.serve.config import HTTPOptions
+    from ray.serve.schema import LoggingConfig
+
+    embedded = start_ray(config, ray_address(address), quiet=quiet)
+    # Access logs cost time on every request and say nothing /metrics does not.
+    logging_config = LoggingConfig(enable_access_log=False, log_level="WARNING" if quiet else "INFO")
+    serve.start(http_options=HTTPOptions(host=host, port=port), logging_config=logging_config)
+    serve.run(build_graph(config), name=app_name, route_prefix="/", logging_config=logging_config)
+    connect_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    return RunningService(f"http://{connect_host}:{port}", embedded, app_name)
+
+
+def wait_ready(url: str, timeout_s: float = 120.0) -> dict:
+    """Poll GET /readyz until it says ready; its last body otherwise."""
+    deadline = time.monotonic() + timeout_s
+    last: dict | str = "no answer"
+    with httpx.Client(timeout=5.0) as client:
+        while time.monotonic() < deadline:
+            try:
+                r = client.get(f"{url}/readyz")
+                last = r.json()
+                if r.status_code == 200:
+                    return last
+            except (httpx.HTTPError, ValueError) as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            time.sleep(0.25)
+    raise ServiceUnavailable(f"the service at {url} was not ready after {timeout_s:.0f}s: {last}")

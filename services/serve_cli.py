@@ -1,0 +1,130 @@
+"""`shardqa serve`, `shardqa demo` and `shardqa query`."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from shardqa.config import Backend
+
+
+def _serving_overrides(**values) -> dict:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def wait_for_interrupt() -> None:
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def serve(
+        store: Optional[str] = typer.Option(None, "--store", "-s", help="index store: a directory or a redis:// URL [default: settings.store]"),
+        ray_address: Optional[str] = typer.Option(None, "--ray-address", help="existing Ray cluster (else RAY_ADDRESS, else an embedded Ray)"),
+        host: Optional[str] = typer.Option(None, "--host", help="HTTP bind address [default: settings.host]"),
+        port: Optional[int] = typer.Option(None, "--port", "-p", help="HTTP port [default: settings.port]"),
+        shards_config: Optional[Path] = typer.Option(None, "--shards-config", help="JSON/YAML file: replicas and resources per shard"),
+        model: Optional[str] = typer.Option(None, "--model", "-m", help="QA model directory"),
+        backend: Optional[Backend] = typer.Option(None, "--backend", "-b", help="torch, onnx or onnx-int8"),
+        replicas_per_shard: Optional[int] = typer.Option(None, "--replicas-per-shard", min=1),
+        num_cpus: Optional[float] = typer.Option(None, "--num-cpus", min=0, help="CPUs per shard replica"),
+        num_gpus: Optional[float] = typer.Option(None, "--num-gpus", min=0, help="GPUs per shard replica"),
+        cache_url: Optional[str] = typer.Option(None, "--cache-url", help="Redis URL of the answer cache (else in-process)"),
+        verbose: bool = typer.Option(False, "--verbose", "-v", help="show replica logs"),
+    ) -> None:
+        """Serve an index over HTTP with Ray Serve until Ctrl-C."""
+        from shardqa.services.app import service_config_from_args
+        from shardqa.services.runtime import deploy, wait_ready
+        from shardqa.services.service_config import settings_with
+
+        settings = settings_with(_serving_overrides(host=host, port=port))
+        t0 = time.perf_counter()
+        config = service_config_from_args(
+            _serving_overrides(
+                store=store,
+                model=model,
+                backend=backend,
+                replicas_per_shard=replicas_per_shard,
+                num_cpus_per_replica=num_cpus,
+                num_gpus_per_replica=num_gpus,
+                cache_url=cache_url,
+                shards_config=str(shards_config) if shards_config else None,
+            )
+        )
+        typer.echo(f"starting {config.shards} shard deployment(s) of {config.settings.store} ...", err=True)
+        running = deploy(config, settings.host, settings.port, address=ray_address or settings.ray_address, quiet=not verbose)
+        try:
+            ready = wait_ready(running.url)
+            typer.echo(
+                f"serving index {ready['index_version']} at {running.url} (ready in {time.perf_counter() - t0:.1f} s); "
+                f"API docs at {running.url}/docs. Ctrl-C stops.",
+                err=True,
+            )
+            wait_for_interrupt()
+        finally:
+            typer.echo("stopping ...", err=True)
+            running.shutdown()
+
+    @app.command()
+    def demo(
+        port: int = typer.Option(8000, "--port", "-p", help="HTTP port"),
+        host: str = typer.Option("127.0.0.1", "--host", help="HTTP bind address"),
+        model: Optional[str] = typer.Option(None, "--model", "-m", help="QA model directory [default: the shipped model]"),
+        backend: Optional[Backend] = typer.Option(None, "--backend", "-b", help="torch, onnx or onnx-int8"),
+        shards: int = typer.Option(4, "--shards", min=1, help="shards to split the sample corpus into"),
+        workdir: Optional[Path] = typer.Option(None, "--workdir", help="where the demo index lives [default: <cache_dir>/demo]"),
+        exit_after_samples: bool = typer.Option(False, "--exit-after-samples", help="stop after the sample questions instead of serving on"),
+        verbose: bool = typer.Option(False, "--verbose", "-v", help="show replica logs"),
+    ) -> None:
+        """Index the shipped sample corpus, serve it, answer sample questions."""
+        from shardqa.services.demo import run_demo
+
+        run_demo(
+            host=host,
+            port=port,
+            overrides=_serving_overrides(model=model, backend=backend),
+            shards=shards,
+            workdir=workdir,
+            serve_forever=not exit_after_samples,
+            verbose=verbose,
+            echo=lambda line: typer.echo(line),
+        )
+
+    @app.command()
+    def query(
+        question: str = typer.Argument(..., help="the question"),
+        url: Optional[str] = typer.Option(None, "--url", "-u", help="service base URL [default: http://<settings.host>:<settings.port>]"),
+        top_k: int = typer.Option(1, "--top-k", "-k", min=1, help="answers to return"),
+        as_json: bool = typer.Option(False, "--json", help="print the service's JSON response"),
+        timeout: float = typer.Option(30.0, "--timeout", help="seconds to wait for the answer"),
+    ) -> None:
+        """Ask a running shardqa service a question."""
+        from shardqa.services.client import ask
+
+        if url is None:
+            from shardqa.config import get_settings
+
+            s = get_settings()
+            url = f"http://{s.host}:{s.port}"
+        t0 = time.perf_counter()
+        body = ask(url, question, top_k=top_k, timeout_s=timeout)
+        ms = 1000 * (time.perf_counter() - t0)
+        if as_json:
+            typer.echo(json.dumps(body, ensure_ascii=False))
+            return
+        answers = body.get("answers", [])
+        if not answers:
+            typer.echo("no answer found")
+        for i, a in enumerate(answers, 1):
+            prefix = f"{i}. " if len(answers) > 1 else ""
+            typer.echo(f"{prefix}{a['text']}")
+            typer.echo(f"   score {a['score']:.4f} · {a['doc_id']} chars {a['start']}-{a['end']} · shard {a['shard']}")
+        typer.echo(f"index {body.get('index_version')} · {'cached' if body.get('cached') else 'computed'} · {ms:.1f} ms")

@@ -1,0 +1,103 @@
+"""How the ingress reaches the shards: Ray Serve deployment handles in the
+service, or in-process shard workers for a single-process server and tests.
+Both offer the same three calls."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol, Sequence
+
+from shardqa.errors import ServiceUnavailable
+from shardqa.services.shard_worker import ShardQuery, ShardStatus, ShardWorker
+from shardqa.types import Answer
+
+log = logging.getLogger(__name__)
+
+
+class ShardClient(Protocol):
+    num_shards: int
+
+    async def answer(self, shard: int, query: ShardQuery) -> list[Answer]: ...
+
+    async def prepare(self, shard: int, version: str) -> ShardStatus:
+        """Make (at least one replica of) `shard` hold `version`."""
+        ...
+
+    async def status(self, shard: int, timeout_s: float) -> ShardStatus:
+        """Raises when no replica of the shard answers in time."""
+        ...
+
+
+class LocalShards:
+    """Shard workers in this process. One thread runs the model, as a replica
+    would, so the event loop keeps accepting requests during a forward pass."""
+
+    def __init__(self, workers: Sequence[ShardWorker]):
+        self.workers = list(workers)
+        self.num_shards = len(self.workers)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard")
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def answer(self, shard: int, query: ShardQuery) -> list[Answer]:
+        return (await self._run(self.workers[shard].answer_batch, [query]))[0]
+
+    async def prepare(self, shard: int, version: str) -> ShardStatus:
+        worker = self.workers[shard]
+        await self._run(worker.passages, version)
+        return worker.status()
+
+    async def status(self, shard: int, timeout_s: float) -> ShardStatus:
+        return self.workers[shard].status()
+
+
+class ServeShards:
+    """Deployment handles, one per shard, with retries on lost replicas.
+
+    A request that was running on a replica when it died fails with an actor
+    error; Serve has by then stopped routing to that replica, so sending it
+    again reaches a live replica of the shard (or waits for a replacement).
+    """
+
+    def __init__(self, handles: Sequence, retry_deadline_s: float = 10.0):
+        import ray.exceptions as rex
+
+        self.handles = list(handles)
+        self.num_shards = len(self.handles)
+        self.retry_deadline_s = retry_deadline_s
+        # Exceptions that mean "the replica went away", worth sending again.
+        self._lost = tuple(
+            e for e in (getattr(rex, n, None) for n in ("RayActorError", "ActorUnavailableError", "ActorDiedError")) if e is not None
+        )
+
+    async def _call(self, shard: int, method: str, *args, timeout_s: float | None = None):
+        deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.retry_deadline_s)
+        delay = 0.05
+        attempt = 0
+        while True:
+            attempt += 1
+            remaining = deadline - time.monotonic()
+            try:
+                response = getattr(self.handles[shard], method).remote(*args)
+                return await asyncio.wait_for(response, max(remaining, 0.001)) if timeout_s is not None else await response
+            except self._lost as exc:
+                if time.monotonic() + delay >= deadline:
+                    raise ServiceUnavailable(f"shard {shard} has no live replica ({type(exc).__name__})") from None
+                log.warning("shard %d: replica lost during %s (attempt %d), sending again", shard, method, attempt)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+            except asyncio.TimeoutError:
+                raise ServiceUnavailable(f"shard {shard} did not answer within {timeout_s:.1f}s") from None
+
+    async def answer(self, shard: int, query: ShardQuery) -> list[Answer]:
+        return await self._call(shard, "answer", query)
+
+    async def prepare(self, shard: int, version: str) -> ShardStatus:
+        return await self._call(shard, "prepare", version)
+
+    async def status(self, shard: int, timeout_s: float) -> ShardStatus:
+        return await self._call(shard, "status", timeout_s=timeout_s)

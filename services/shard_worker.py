@@ -1,0 +1,107 @@
+"""One shard's half of answering: a model copy and the shard's pre-tokenised
+passages, by index version, answering batches of (question ids, passage ids).
+
+The Ray Serve shard deployment wraps one of these per replica; keeping it free
+of Serve lets the same code run in-process (tests, a single-process server).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Sequence
+
+from shardqa.errors import IndexNotFound, StoreError
+from shardqa.types import Answer, Passage, TokenizedText
+
+log = logging.getLogger(__name__)
+
+#: Index versions a replica keeps in memory: the current one, and the previous
+#: one for requests routed before a switch that are still in flight.
+KEEP_VERSIONS = 2
+
+
+@dataclass(frozen=True)
+class ShardQuery:
+    """What the ingress sends a shard: token ids and passage ids, never text,
+    so a request costs a few hundred bytes across the handle."""
+
+    index_version: str
+    question: TokenizedText
+    passage_ids: tuple[str, ...]
+    top_k: int
+
+
+@dataclass(frozen=True)
+class ShardStatus:
+    shard: int
+    versions: tuple[str, ...]
+    passages: int
+    model_id: str
+
+
+class ShardWorker:
+    def __init__(self, shard: int, reader, store):
+        self.shard = shard
+        self.reader = reader
+        self.store = store
+        self._versions: OrderedDict[str, dict[str, Passage]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    # --- index versions ---------------------------------------------------------
+
+    def passages(self, version: str) -> dict[str, Passage]:
+        """This shard's passages of `version`, loaded on first use."""
+        found = self._versions.get(version)
+        if found is not None:
+            return found
+        with self._lock:  # one load per version even when requests race
+            found = self._versions.get(version)
+            if found is None:
+                found = self._load(version)
+        return found
+
+    def _load(self, version: str) -> dict[str, Passage]:
+        t0 = time.perf_counter()
+        try:
+            passages = self.store.load_shard(self.shard, version)
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise StoreError(f"shard {self.shard}: cannot load index version {version}: {exc}") from exc
+        by_id = {p.passage_id: p for p in passages}
+        self._versions[version] = by_id
+        while len(self._versions) > KEEP_VERSIONS:
+            old, _ = self._versions.popitem(last=False)
+            log.info("shard %d: dropped index version %s", self.shard, old)
+        log.info("shard %d: loaded %d passages of index version %s in %.2fs", self.shard, len(by_id), version, time.perf_counter() - t0)
+        return by_id
+
+    def load_current(self) -> str:
+        """Load the store's current version (start-up, and when it changes)."""
+        version = self.store.current_version()
+        self.passages(version)
+        return version
+
+    def status(self) -> ShardStatus:
+        versions = tuple(self._versions)
+        return ShardStatus(self.shard, versions, len(self._versions[versions[-1]]) if versions else 0, self.reader.model_id)
+
+    # --- answering ---------------------------------------------------------------
+
+    def answer_batch(self, queries: Sequence[ShardQuery]) -> list[list[Answer]]:
+        """One batched reader call for many questions."""
+        from shardqa.services.reader import ReadRequest
+
+        requests = []
+        for q in queries:
+            by_id = self.passages(q.index_version)
+            try:
+                passages = [by_id[pid] for pid in q.passage_ids]
+            except KeyError as exc:
+                raise IndexNotFound(f"shard {self.shard} has no passage {exc.args[0]!r} in index version {q.index_version}") from None
+            requests.append(ReadRequest(q.question, passages, q.top_k))
+        return self.reader.answer_batch(requests)

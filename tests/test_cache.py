@@ -1,0 +1,158 @@
+"""The answer cache in one process: keys, expiry, single-flight, failures."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from shardqa.services.answer_cache import AnswerCache, MemoryBackend, cache_key, normalise_question
+
+
+def test_keys_hash_everything_that_decides_the_answer():
+    q = normalise_question("Who gave their name to Normandy?", lowercase=True)
+    key = cache_key("v1", q, 1)
+    assert "normandy" not in key.lower() and "v1" not in key
+    assert len(key) == 40 and all(c in "0123456789abcdef" for c in key)
+    assert cache_key("v2", q, 1) != key  # a new index version never sees old answers
+    assert cache_key("v1", q, 2) != key
+    assert cache_key("v1", normalise_question("  Who gave their\tname to\n Normandy? ", lowercase=True), 1) == key
+
+
+def test_case_folds_only_for_uncased_models():
+    assert normalise_question("Who WON?", lowercase=True) == "who won?"
+    assert normalise_question("Who WON?", lowercase=False) == "Who WON?"
+
+
+def test_memory_backend_expires_and_bounds_entries(monkeypatch):
+    import shardqa.services.answer_cache as ac
+
+    now = [1000.0]
+    monkeypatch.setattr(ac.time, "monotonic", lambda: now[0])
+    backend = MemoryBackend(max_entries=2)
+
+    async def scenario():
+        await backend.set("a", b"1", ttl_s=10)
+        assert await backend.get("a") == b"1"
+        now[0] += 11
+        assert await backend.get("a") is None
+        for k in "bcd":
+            await backend.set(k, k.encode(), ttl_s=10)
+        assert await backend.get("b") is None  # least recently used went first
+        assert await backend.get("d") == b"d"
+
+    asyncio.run(scenario())
+
+
+def test_concurrent_misses_compute_once():
+    cache = AnswerCache(MemoryBackend(), ttl_s=60, timeout_s=0.05)
+    calls = 0
+
+    async def compute():
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.05)
+        return b'[{"text":"Normans"}]'
+
+    async def scenario():
+        results = await asyncio.gather(*(cache.get_or_compute("k", compute) for _ in range(20)))
+        assert calls == 1
+        assert {r.value for r in results} == {b'[{"text":"Normans"}]'}
+        assert sum(not r.shared for r in results) == 1  # exactly one request ran inference
+        again = await cache.get_or_compute("k", compute)
+        assert again.shared and calls == 1  # now a plain cache hit
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_computation_reaches_every_waiter_and_is_not_cached():
+    cache = AnswerCache(MemoryBackend(), ttl_s=60, timeout_s=0.05)
+    calls = 0
+
+    async def failing():
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.02)
+        raise ValueError("shard down")
+
+    async def scenario():
+        results = await asyncio.gather(*(cache.get_or_compute("k", failing) for _ in range(5)), return_exceptions=True)
+        assert calls == 1 and all(isinstance(r, ValueError) for r in results)
+
+        async def ok():
+            return b"[]"
+
+        assert (await cache.get_or_compute("k", ok)).shared is False
+
+    asyncio.run(scenario())
+
+
+class BrokenBackend(MemoryBackend):
+    """A cache whose every operation fails, as a Redis outage does."""
+
+    shared = True
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    async def get(self, key):
+        self.calls += 1
+        raise ConnectionError("connection refused")
+
+    async def set(self, key, value, ttl_s):
+        self.calls += 1
+        raise ConnectionError("connection refused")
+
+    async def try_lock(self, key, ttl_ms):
+        self.calls += 1
+        raise ConnectionError("connection refused")
+
+
+def test_a_broken_cache_degrades_to_uncached_answers_and_backs_off():
+    from test_metrics import delta, scrape
+
+    backend = BrokenBackend()
+    cache = AnswerCache(backend, ttl_s=60, timeout_s=0.05, retry_after_s=30)
+    computed = 0
+
+    async def compute():
+        nonlocal computed
+        computed += 1
+        return b"[]"
+
+    async def scenario():
+        for _ in range(5):
+            result = await cache.get_or_compute("k", compute)
+            assert result.value == b"[]" and not result.shared
+
+    before = scrape()
+    asyncio.run(scenario())
+    after = scrape()
+    assert computed == 5
+    assert backend.calls == 1  # after the first failure the cache is left alone for retry_after_s
+    assert delta(before, after, "shardqa_cache_requests_total", result="error") == 5
+    assert not cache.available
+
+
+def test_a_hung_cache_costs_at_most_its_timeout():
+    class Hung(MemoryBackend):
+        async def get(self, key):
+            await asyncio.sleep(10)
+
+    cache = AnswerCache(Hung(), ttl_s=60, timeout_s=0.05)
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        result = await cache.get_or_compute("k", lambda: asyncio.sleep(0, b"[]"))
+        return result, loop.time() - t0
+
+    result, elapsed = asyncio.run(scenario())
+    assert result.value == b"[]"
+    assert elapsed < 1.0
+
+
+@pytest.mark.parametrize("bad", ["", "   ", "\n\t"])
+def test_blank_questions_normalise_to_empty(bad):
+    assert normalise_question(bad, lowercase=True) == ""

@@ -1,0 +1,179 @@
+"""The answer cache against real redis-server processes: hashed key names,
+TTLs, single-flight across ingress replicas, and outages that only ever make
+answers uncached."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from shardqa.services.answer_cache import KEY_PREFIX, AnswerCache, RedisBackend, cache_key, normalise_question
+
+pytestmark = pytest.mark.redis
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A throwaway redis-server on a free port, without persistence."""
+
+    def __init__(self):
+        binary = shutil.which("redis-server")
+        if binary is None:
+            if os.environ.get("CI"):
+                pytest.fail("redis-server is not installed (apt-get install -y redis-server)")
+            pytest.skip("redis-server is not installed")
+        self.binary = binary
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "RedisServer":
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None
+
+    def client(self):
+        import redis
+
+        return redis.Redis.from_url(self.url)
+
+
+@pytest.fixture
+def redis_server():
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+def test_entries_are_hashed_and_expire(redis_server):
+    cache = AnswerCache(RedisBackend(redis_server.url, 0.5), ttl_s=120, timeout_s=0.5)
+    question = "Who gave their name to Normandy?"
+    key = cache_key("v7", normalise_question(question, lowercase=True), 1)
+
+    async def scenario():
+        first = await cache.get_or_compute(key, lambda: asyncio.sleep(0, b'[{"text":"Normans"}]'))
+        second = await cache.get_or_compute(key, lambda: asyncio.sleep(0, b"never"))
+        await cache.close()
+        return first, second
+
+    first, second = asyncio.run(scenario())
+    assert (first.shared, second.shared) == (False, True)
+    assert second.value == b'[{"text":"Normans"}]'
+    r = redis_server.client()
+    names = [k.decode() for k in r.keys("*")]
+    assert names == [KEY_PREFIX + key]  # the lock is gone, and no user text in any name
+    assert "Normandy" not in names[0]
+    assert 0 < r.ttl(names[0]) <= 120
+
+
+def test_single_flight_across_two_ingress_replicas(redis_server):
+    """Two caches (two ingress processes) on one Redis: one computes, the other waits for its value."""
+    a = AnswerCache(RedisBackend(redis_server.url, 0.5), ttl_s=60, timeout_s=0.5)
+    b = AnswerCache(RedisBackend(redis_server.url, 0.5), ttl_s=60, timeout_s=0.5)
+    calls = 0
+
+    async def compute():
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.2)
+        return b"[1]"
+
+    async def scenario():
+        results = await asyncio.gather(*(c.get_or_compute("same", compute) for c in (a, b, a, b)))
+        await a.close()
+        await b.close()
+        return results
+
+    results = asyncio.run(scenario())
+    assert calls == 1
+    assert [r.value for r in results] == [b"[1]"] * 4
+
+
+def test_redis_outage_degrades_to_uncached_and_recovers(redis_server):
+    from test_metrics import delta, scrape
+
+    cache = AnswerCache(RedisBackend(redis_server.url, 0.1), ttl_s=60, timeout_s=0.1, retry_after_s=0.2)
+    computed = 0
+
+    async def compute():
+        nonlocal computed
+        computed += 1
+        return b"[]"
+
+    async def ask(n: int):
+        return [await cache.get_or_compute(f"q{i}", compute) for i in range(n)]
+
+    async def scenario():
+        warm = await ask(3)
+        assert [r.shared for r in warm] == [False] * 3
+        assert all(r.shared for r in await ask(3))  # cached
+
+        redis_server.stop()
+        before = scrape()
+        t0 = time.perf_counter()
+        down = await ask(20)
+        elapsed = time.perf_counter() - t0
+        after = scrape()
+        assert all(r.value == b"[]" and not r.shared for r in down)  # answers keep coming, uncached
+        assert delta(before, after, "shardqa_cache_requests_total", result="error") == 20
+        assert elapsed < 2.0
+
+        redis_server.start()
+        await asyncio.sleep(0.3)  # past the back-off
+        recovered = await ask(1)
+        assert not recovered[0].shared
+        assert (await ask(1))[0].shared  # cached again
+        await cache.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_frozen_redis_costs_one_timeout_per_backoff(redis_server):
+    cache = AnswerCache(RedisBackend(redis_server.url, 0.1), ttl_s=60, timeout_s=0.1, retry_after_s=5)
+
+    async def scenario():
+        await cache.get_or_compute("warm", lambda: asyncio.sleep(0, b"[]"))  # connect
+        os.kill(redis_server.proc.pid, signal.SIGSTOP)
+        try:
+            t0 = time.perf_counter()
+            results = [await cache.get_or_compute(f"k{i}", lambda: asyncio.sleep(0, b"[]")) for i in range(10)]
+            elapsed = time.perf_counter() - t0
+        finally:
+            os.kill(redis_server.proc.pid, signal.SIGCONT)
+        await cache.close()
+        return results, elapsed
+
+    results, elapsed = asyncio.run(scenario())
+    assert all(r.value == b"[]" for r in results)
+    assert elapsed < 0.6  # one 0.1 s timeout, then the cache is bypassed
