@@ -1,0 +1,228 @@
+{{/* Names ------------------------------------------------------------------ */}}
+
+{{- define "shardqa.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* KubeRay derives Service and cluster names from the RayService name and
+appends suffixes (-serve-svc, -head-svc, a hash), so it is kept short. */}}
+{{- define "shardqa.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "shardqa.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "shardqa.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: shardqa
+{{- end }}
+
+{{- define "shardqa.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "shardqa.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "shardqa.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "shardqa.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* Images ----------------------------------------------------------------- */}}
+
+{{- define "shardqa.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "shardqa.gpuImage" -}}
+{{- printf "%s:%s" .Values.image.repository (default (printf "%s-gpu" .Chart.AppVersion) .Values.image.gpuTag) }}
+{{- end }}
+
+{{/* Redis ------------------------------------------------------------------ */}}
+
+{{- define "shardqa.redis.fullname" -}}
+{{- printf "%s-redis" (include "shardqa.fullname" .) }}
+{{- end }}
+
+{{- define "shardqa.redis.secretName" -}}
+{{- default (include "shardqa.redis.fullname" .) .Values.redis.auth.existingSecret }}
+{{- end }}
+
+{{/* The store URL with the password left as $(REDIS_PASSWORD): Kubernetes
+expands it from the env var defined just before, so the password is never in
+a value, a rendered manifest or the RayService spec. */}}
+{{- define "shardqa.redis.url" -}}
+{{- $r := .Values.redis -}}
+{{- if eq $r.mode "standalone" -}}
+redis://:$(REDIS_PASSWORD)@{{ include "shardqa.redis.fullname" . }}:6379/0
+{{- else if eq $r.mode "cluster" -}}
+{{- $name := include "shardqa.redis.fullname" . -}}
+{{- $ns := .Release.Namespace -}}
+{{- $nodes := list -}}
+{{- range $i := until (int $r.cluster.nodes) -}}
+{{- $nodes = append $nodes (printf "%s-%d.%s-headless.%s.svc:6379" $name $i $name $ns) -}}
+{{- end -}}
+redis+cluster://:$(REDIS_PASSWORD)@{{ join "," $nodes }}
+{{- else -}}
+{{- $e := $r.external -}}
+{{- if $e.cluster -}}
+redis+cluster://:$(REDIS_PASSWORD)@{{ $e.host }}:{{ $e.port }}
+{{- else -}}
+{{ ternary "rediss" "redis" $e.tls }}://:$(REDIS_PASSWORD)@{{ $e.host }}:{{ $e.port }}/{{ $e.db }}
+{{- end -}}
+{{- end -}}
+{{- end }}
+
+{{/* Env of every pod that talks to Redis. */}}
+{{- define "shardqa.redis.env" -}}
+- name: REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "shardqa.redis.secretName" . }}
+      key: {{ .Values.redis.auth.passwordKey }}
+- name: SHARDQA_STORE
+  value: {{ include "shardqa.redis.url" . | quote }}
+{{- if .Values.cache.enabled }}
+- name: SHARDQA_CACHE_URL
+  value: {{ include "shardqa.redis.url" . | quote }}
+{{- end }}
+{{- end }}
+
+{{/* Settings every shardqa process of the release runs with. */}}
+{{- define "shardqa.env" -}}
+{{ include "shardqa.redis.env" . }}
+- name: SHARDQA_SHARDS
+  value: {{ .Values.serve.shards | quote }}
+- name: SHARDQA_BACKEND
+  value: {{ .Values.serve.backend | quote }}
+- name: SHARDQA_ROUTE_K
+  value: {{ .Values.serve.routeK | quote }}
+- name: SHARDQA_INGRESS_REPLICAS
+  value: {{ .Values.serve.ingressReplicas | quote }}
+- name: SHARDQA_TARGET_P50_MS
+  value: {{ .Values.targets.p50Ms | quote }}
+- name: SHARDQA_TARGET_P99_MS
+  value: {{ .Values.targets.p99Ms | quote }}
+- name: SHARDQA_TARGET_CACHED_P50_MS
+  value: {{ .Values.targets.cachedP50Ms | quote }}
+{{- with .Values.serve.model }}
+- name: SHARDQA_MODEL
+  value: {{ . | quote }}
+{{- end }}
+{{- range $k, $v := .Values.serve.extraEnv }}
+- name: {{ $k }}
+  value: {{ $v | quote }}
+{{- end }}
+{{- end }}
+
+{{/* The Ray container of the head and of each worker group:
+(list root image resources). */}}
+{{- define "shardqa.rayContainer" -}}
+{{- $root := index . 0 -}}
+{{- $image := index . 1 -}}
+{{- $resources := index . 2 -}}
+image: {{ $image }}
+imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+env:
+  {{- include "shardqa.env" $root | nindent 2 }}
+  # Ray's metrics reach Prometheus through each pod's export port; the
+  # interval is how stale a scraped number can be.
+  - name: RAY_metrics_report_interval_ms
+    value: "5000"
+resources:
+  {{- toYaml $resources | nindent 2 }}
+securityContext:
+  {{- include "shardqa.securityContext" $root | nindent 2 }}
+volumeMounts:
+  - {name: ray-logs, mountPath: /tmp/ray}
+{{- end }}
+
+{{/* Security ---------------------------------------------------------------- */}}
+
+{{- define "shardqa.podSecurityContext" -}}
+{{ toYaml .Values.podSecurityContext }}
+{{- end }}
+
+{{- define "shardqa.securityContext" -}}
+{{ toYaml .Values.securityContext }}
+{{- end }}
+
+{{/* Monitoring CRDs present, or forced. */}}
+{{- define "shardqa.hasMonitoringCRDs" -}}
+{{- if or .Values.monitoring.forceCRDs (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1") -}}
+true
+{{- end -}}
+{{- end }}
+
+{{/* The index-build Job (without hook annotations). The current index version
+goes to the termination message, where `shardqa cluster reindex` reads it. */}}
+{{- define "shardqa.indexJob" -}}
+apiVersion: batch/v1
+kind: Job
+metadata:
+  name: {{ include "shardqa.fullname" . }}-index
+  labels:
+    {{- include "shardqa.labels" . | nindent 4 }}
+    app.kubernetes.io/component: index
+spec:
+  backoffLimit: {{ .Values.index.backoffLimit }}
+  activeDeadlineSeconds: {{ .Values.index.activeDeadlineSeconds }}
+  template:
+    metadata:
+      labels:
+        {{- include "shardqa.labels" . | nindent 8 }}
+        app.kubernetes.io/component: index
+    spec:
+      restartPolicy: Never
+      serviceAccountName: {{ include "shardqa.serviceAccountName" . }}
+      automountServiceAccountToken: false
+      securityContext:
+        {{- include "shardqa.podSecurityContext" . | nindent 8 }}
+      {{- with .Values.imagePullSecrets }}
+      imagePullSecrets:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      containers:
+        - name: index
+          image: {{ include "shardqa.image" . }}
+          imagePullPolicy: {{ .Values.image.pullPolicy }}
+          command:
+            - sh
+            - -ec
+            - |
+              shardqa index "$SHARDQA_CORPUS" "$@"
+              python -c 'from shardqa.monitoring.cluster import report_index_version; report_index_version()'
+            - shardqa-index
+            {{- range .Values.index.extraArgs }}
+            - {{ . | quote }}
+            {{- end }}
+          env:
+            {{- include "shardqa.env" . | nindent 12 }}
+            - name: SHARDQA_CORPUS
+              value: {{ .Values.index.corpus | quote }}
+          terminationMessagePolicy: File
+          resources:
+            {{- toYaml .Values.index.resources | nindent 12 }}
+          securityContext:
+            {{- include "shardqa.securityContext" . | nindent 12 }}
+          {{- with .Values.index.extraVolumeMounts }}
+          volumeMounts:
+            {{- toYaml . | nindent 12 }}
+          {{- end }}
+      {{- with .Values.index.extraVolumes }}
+      volumes:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+{{- end }}
