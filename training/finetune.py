@@ -206,7 +206,9 @@ def _set_rng_state(state):
     torch.set_rng_state(state["torch"])
 
 
-def train(cfg: TrainConfig, progress: bool = True) -> Path:
+def train(cfg: TrainConfig, progress: bool = True, stop_after_steps: int | None = None) -> Path | None:
+    """Run (or resume) training; returns the final model folder, or None when
+    ``stop_after_steps`` ended this invocation early (a checkpoint is written)."""
     from tqdm.auto import tqdm
     from transformers import AutoModelForQuestionAnswering, AutoTokenizer, get_linear_schedule_with_warmup
 
@@ -289,7 +291,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     bar = tqdm(total=total, initial=step, disable=not progress, desc="train", smoothing=0.05)
     running = None
     seen = sum(len(b) for b in schedule[:step])
+    start_step = step
     while step < total:
+        if stop_after_steps is not None and step - start_step >= stop_after_steps:
+            save_checkpoint()
+            bar.close()
+            return None
         t = time.time()
         ids, tt, am, sp, ep = collate(feats, schedule[step], tokenizer.pad_token_id)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):

