@@ -206,3 +206,40 @@ def register(app: typer.Typer) -> None:
             typer.echo(B.targets_table(result["targets"]))
             typer.echo("")
             typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
+
+    @app.command("bench-reader")
+    def bench_reader(
+        model: Optional[str] = typer.Option(None, "--model", help="QA model directory [default: the shipped model]"),
+        backends: str = typer.Option("torch,onnx,onnx-int8", "--backends", help="backends, comma-separated"),
+        lengths: str = typer.Option("32,64,128,256,384", "--lengths", help="passage lengths in tokens, comma-separated"),
+        runs: int = typer.Option(200, "--runs", min=1, help="timed calls per backend and length"),
+        questions: Optional[Path] = typer.Option(None, "--questions", help="SQuAD-format JSON [default: SQuAD v1.1 dev]"),
+        f1_questions: int = typer.Option(200, "--f1-questions", min=0, help="questions for the gold-paragraph EM/F1 per backend (0: skip)"),
+        threads: Optional[int] = typer.Option(None, "--threads", min=0, help="intra-op threads per backend [default: Settings.threads]"),
+        out: Path = typer.Option(Path("benchmarks/results"), "--out", help="directory for reader.json, reader.md, reader.png"),
+        as_json: bool = typer.Option(False, "--json", help="print the result as one JSON object"),
+    ) -> None:
+        """Reader-only latency per backend and passage length (median, p99), and gold-paragraph EM/F1 per backend."""
+        from shardqa.services import bench as B
+        from shardqa.services import bench_reader as R
+        from shardqa.training.squad import load_squad
+
+        names = tuple(b.strip() for b in backends.split(",") if b.strip())
+        bad = [b for b in names if b not in R.BACKENDS]
+        if bad or not names:
+            raise B.BenchError(f"--backends: unknown {', '.join(bad) or '(none)'}; choose from {', '.join(R.BACKENDS)}")
+        lens = _ints(lengths, "--lengths")
+        examples = load_squad(questions or default_questions_file())
+        f1_ex = B.distinct_questions(examples)[:f1_questions] if f1_questions else None
+        result = R.run_reader_bench(model, names, lens, runs, examples, f1_examples=f1_ex, threads=threads, log=B._log)
+        result["command"] = command_line()
+        result["machine"] = B.machine_description()
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "reader.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        (out / "reader.md").write_text(R.reader_table(result) + "\n", encoding="utf-8")
+        R.plot_reader(result, out / "reader.png")
+        if as_json:
+            typer.echo(json.dumps(result))
+        else:
+            typer.echo(R.reader_table(result))
+            typer.echo(f"\nwrote {out / 'reader.json'}, {out / 'reader.md'}, {out / 'reader.png'}")
