@@ -1,0 +1,478 @@
+"""The Helm chart, rendered by a real helm over a matrix of values.
+
+Core resources are validated against the Kubernetes OpenAPI schemas
+(kubernetes-validate --strict); the RayService's serveConfigV2 is parsed by
+Ray's own Serve schema and its args resolved by shardqa's application
+builder, so a rendered chart is known to deploy and to start the service.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from shardqa.config import get_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "deploy" / "helm" / "shardqa"
+MONITORING = ROOT / "monitoring"
+K8S_VERSION = "1.30.0"
+#: Kinds with no schema in kubernetes-validate (custom resources); they are
+#: checked by the dedicated tests below.
+CUSTOM_KINDS = {"RayService", "PodMonitor", "PrometheusRule"}
+MONITORING_API = "monitoring.coreos.com/v1"
+
+pytestmark = pytest.mark.helm
+
+
+def helm_binary() -> str:
+    candidates = [os.environ.get("SHARDQA_HELM"), str(ROOT / ".tools" / "bin" / "helm"), shutil.which("helm")]
+    for candidate in candidates:
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    message = "helm not found; run deploy/tools/install-helm.sh (make tools)"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def run_helm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([helm_binary(), *args], capture_output=True, text=True, timeout=120)
+    if check:
+        assert result.returncode == 0, f"helm {' '.join(args)}\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def set_args(values: dict) -> list[str]:
+    args = []
+    for key, value in values.items():
+        args += ["--set-json", f"{key}={json.dumps(value)}"]
+    return args
+
+
+def render(values: dict | None = None, api_versions: tuple[str, ...] = (), namespace: str = "qa") -> list[dict]:
+    args = ["template", "rel", str(CHART), "--namespace", namespace, *set_args(values or {})]
+    for api in api_versions:
+        args += ["--api-versions", api]
+    docs = [d for d in yaml.safe_load_all(run_helm(*args).stdout) if d]
+    return docs
+
+
+def by_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def the(docs: list[dict], kind: str) -> dict:
+    found = by_kind(docs, kind)
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]
+
+
+def pod_specs(docs: list[dict]) -> list[tuple[str, dict]]:
+    """Every pod template in the release: workloads, Jobs, the Ray head and worker groups."""
+    specs = []
+    for doc in docs:
+        kind, name = doc["kind"], doc["metadata"]["name"]
+        if kind in {"StatefulSet", "Deployment", "Job"}:
+            specs.append((f"{kind}/{name}", doc["spec"]["template"]["spec"]))
+        elif kind == "RayService":
+            cluster = doc["spec"]["rayClusterConfig"]
+            specs.append((f"{name}/head", cluster["headGroupSpec"]["template"]["spec"]))
+            for group in cluster["workerGroupSpecs"]:
+                specs.append((f"{name}/{group['groupName']}", group["template"]["spec"]))
+        elif kind == "ConfigMap" and "job.json" in doc.get("data", {}):
+            specs.append((f"{name}/job.json", json.loads(doc["data"]["job.json"])["spec"]["template"]["spec"]))
+    return specs
+
+
+MATRIX = {
+    "cpu-only": {},
+    "gpu": {
+        "gpuWorkers.enabled": True,
+        "serve.numGpusPerReplica": 1,
+        "gpuWorkers.gpusPerPod": 2,
+        "image.gpuTag": "0.1.0-cuda",
+    },
+    "external-redis": {
+        "redis.mode": "external",
+        "redis.external.host": "redis.data.svc",
+        "redis.external.tls": True,
+        "redis.auth.existingSecret": "shardqa-redis-auth",
+    },
+    "cluster-redis": {"redis.mode": "cluster", "redis.cluster.nodes": 6, "redis.cluster.replicasPerMaster": 1},
+    "ingress-autoscaling": {
+        "ingress.enabled": True,
+        "ingress.className": "nginx",
+        "ingress.tls": [{"hosts": ["qa.example.org"], "secretName": "qa-tls"}],
+        "ingress.hosts": ["qa.example.org"],
+        "autoscaling": True,
+        "serve.shards": 8,
+        "serve.replicasPerShard": 3,
+    },
+    "minimal": {
+        "networkPolicy.enabled": False,
+        "podDisruptionBudget.enabled": False,
+        "index.enabled": False,
+        "cache.enabled": False,
+        "monitoring.dashboards.enabled": False,
+        "redis.persistence.enabled": False,
+    },
+}
+
+
+@pytest.fixture(scope="module", params=sorted(MATRIX))
+def case(request):
+    values = MATRIX[request.param]
+    return request.param, values, render(values, api_versions=(MONITORING_API,))
+
+
+def test_lint_over_the_matrix():
+    for name, values in MATRIX.items():
+        result = run_helm("lint", str(CHART), "--strict", *set_args(values))
+        assert "0 chart(s) failed" in result.stdout, f"{name}: {result.stdout}"
+
+
+def test_core_resources_pass_strict_kubernetes_validation(case):
+    name, _, docs = case
+    for doc in docs:
+        if doc["kind"] in CUSTOM_KINDS:
+            continue
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{name}: {doc['kind']}/{doc['metadata']['name']}: {exc.message} at {list(exc.path)}")
+    # The Job kept in the ConfigMap for `shardqa cluster reindex` is a Job too.
+    for cm in by_kind(docs, "ConfigMap"):
+        if "job.json" in cm["data"]:
+            kubernetes_validate.validate(json.loads(cm["data"]["job.json"]), K8S_VERSION, strict=True)
+
+
+def test_kubernetes_validate_cli_strict(tmp_path):
+    """The same check through the command-line tool, on the default render."""
+    docs = [d for d in render() if d["kind"] not in CUSTOM_KINDS]
+    manifest = tmp_path / "core.yaml"
+    manifest.write_text(yaml.safe_dump_all(docs))
+    # The console script is installed beside the interpreter running the tests.
+    cli = Path(sys.executable).parent / "kubernetes-validate"
+    result = subprocess.run([str(cli), "--strict", "-k", K8S_VERSION, str(manifest)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("INFO") >= len(docs) or "validated successfully" in result.stdout, result.stdout
+
+
+def serve_config(docs: list[dict]) -> dict:
+    return yaml.safe_load(the(docs, "RayService")["spec"]["serveConfigV2"])
+
+
+def test_serve_config_is_valid_for_ray(case):
+    from ray.serve.schema import ServeDeploySchema
+
+    name, values, docs = case
+    config = serve_config(docs)
+    schema = ServeDeploySchema.model_validate(config)
+    (app,) = schema.applications
+    assert app.import_path == "shardqa.services.app:build_app"
+    assert app.route_prefix == "/"
+    assert schema.http_options.port == 8000
+    assert app.args["shards"] == values.get("serve.shards", 4)
+    assert app.args["replicas_per_shard"] == values.get("serve.replicasPerShard", 1)
+    assert app.args["num_gpus_per_replica"] == values.get("serve.numGpusPerReplica", 0)
+
+
+def test_serve_args_resolve_in_the_application_builder(case):
+    """The args are what build_app accepts: the same resolution it runs in the cluster."""
+    from shardqa.services.app import service_config_from_args
+
+    name, values, docs = case
+    args = serve_config(docs)["applications"][0]["args"]
+    config = service_config_from_args(args)
+    assert config.shards == values.get("serve.shards", 4)
+    assert config.resources(0).replicas == values.get("serve.replicasPerShard", 1)
+    assert config.resources(0).num_gpus == values.get("serve.numGpusPerReplica", 0)
+    assert config.settings.max_batch_size == 16
+    # No secret travels in the RayService spec.
+    assert "store" not in args and "cache_url" not in args
+
+
+def test_rayservice_shape(case):
+    name, values, docs = case
+    rs = the(docs, "RayService")
+    assert rs["apiVersion"] == "ray.io/v1"
+    cluster = rs["spec"]["rayClusterConfig"]
+    assert cluster["rayVersion"] == _pinned_ray_version()
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+    assert cluster["enableInTreeAutoscaling"] is values.get("autoscaling", False)
+    for group in groups.values():
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        assert group["rayStartParams"]["metrics-export-port"] == "8080"
+    if values.get("gpuWorkers.enabled"):
+        gpu = groups["gpu"]
+        container = gpu["template"]["spec"]["containers"][0]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 2
+        assert container["resources"]["requests"]["nvidia.com/gpu"] == 2
+        assert container["image"].endswith(":0.1.0-cuda")
+        assert gpu["rayStartParams"]["num-gpus"] == "2"
+        assert gpu["template"]["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
+        assert gpu["template"]["spec"]["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    else:
+        assert set(groups) == {"cpu"}
+        assert "nvidia.com/gpu" not in json.dumps(cluster)
+
+
+def _pinned_ray_version() -> str:
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (ray,) = [d for d in deps if d.startswith("ray[")]
+    return ray.split("==")[1]
+
+
+def test_every_pod_is_non_root_with_resources_and_probes(case):
+    name, _, docs = case
+    specs = pod_specs(docs)
+    assert specs
+    for where, spec in specs:
+        assert spec["securityContext"]["runAsNonRoot"] is True, where
+        assert spec["securityContext"]["runAsUser"] != 0, where
+        assert spec["automountServiceAccountToken"] is False, where
+        for container in spec["containers"]:
+            assert container["securityContext"]["allowPrivilegeEscalation"] is False, where
+            assert container["securityContext"]["capabilities"]["drop"] == ["ALL"], where
+            assert container["resources"]["requests"] and container["resources"]["limits"], where
+            long_running = "Job" not in where and "job.json" not in where
+            if long_running:
+                assert "readinessProbe" in container and "livenessProbe" in container, where
+
+
+def test_redis_password_only_from_a_secret(case):
+    name, values, docs = case
+    rendered = yaml.safe_dump_all(docs)
+    secret_name = values.get("redis.auth.existingSecret", "rel-shardqa-redis")
+    for where, spec in pod_specs(docs):
+        for container in spec["containers"]:
+            env = container.get("env", [])
+            names = [e["name"] for e in env]
+            for entry in env:
+                if "PASSWORD" in entry["name"] or entry["name"] == "REDISCLI_AUTH":
+                    assert entry["valueFrom"]["secretKeyRef"]["name"] == secret_name, where
+                    assert "value" not in entry
+                if entry["name"] in ("SHARDQA_STORE", "SHARDQA_CACHE_URL"):
+                    # $(REDIS_PASSWORD) only expands from a variable defined earlier.
+                    assert "$(REDIS_PASSWORD)" in entry["value"]
+                    assert names.index("REDIS_PASSWORD") < names.index(entry["name"]), where
+    secrets = by_kind(docs, "Secret")
+    if values.get("redis.mode") == "external":
+        assert secrets == []
+        assert "rediss://:$(REDIS_PASSWORD)@redis.data.svc:6379/0" in rendered
+    else:
+        (secret,) = secrets
+        password = base64.b64decode(secret["data"]["redis-password"]).decode()
+        assert len(password) == 32 and password.isalnum()
+        assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+        # The generated password appears nowhere but in its Secret.
+        assert rendered.count(secret["data"]["redis-password"]) == 1
+        assert password not in rendered
+
+
+def test_redis_modes(case):
+    name, values, docs = case
+    mode = values.get("redis.mode", "standalone")
+    statefulsets = by_kind(docs, "StatefulSet")
+    ray_env = the(docs, "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+    store = next(e["value"] for e in ray_env if e["name"] == "SHARDQA_STORE")
+    if mode == "external":
+        assert statefulsets == []
+        assert store.startswith("rediss://")
+    elif mode == "cluster":
+        (sts,) = statefulsets
+        assert sts["spec"]["replicas"] == 6
+        assert store.startswith("redis+cluster://:$(REDIS_PASSWORD)@")
+        assert store.count(",") == 5
+        assert "rel-shardqa-redis-5.rel-shardqa-redis-headless.qa.svc:6379" in store
+        config = next(cm for cm in by_kind(docs, "ConfigMap") if cm["metadata"]["name"] == "rel-shardqa-redis-config")
+        assert "cluster-enabled yes" in config["data"]["redis.conf"]
+        init = next(j for j in by_kind(docs, "Job") if j["metadata"]["name"].endswith("cluster-init"))
+        assert init["metadata"]["annotations"]["helm.sh/hook-weight"] == "0"
+        assert "--cluster-replicas 1" in init["spec"]["template"]["spec"]["containers"][0]["command"][-1]
+    else:
+        (sts,) = statefulsets
+        assert sts["spec"]["replicas"] == 1
+        assert store == "redis://:$(REDIS_PASSWORD)@rel-shardqa-redis:6379/0"
+    cache = [e for e in ray_env if e["name"] == "SHARDQA_CACHE_URL"]
+    assert bool(cache) == values.get("cache.enabled", True)
+
+
+def test_index_job_hook_and_reindex_template(case):
+    name, values, docs = case
+    jobs = [j for j in by_kind(docs, "Job") if j["metadata"]["labels"]["app.kubernetes.io/component"] == "index"]
+    templates = [cm for cm in by_kind(docs, "ConfigMap") if "job.json" in cm.get("data", {})]
+    if values.get("index.enabled") is False:
+        assert jobs == [] and templates == []
+        return
+    (job,) = jobs
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+    assert int(job["metadata"]["annotations"]["helm.sh/hook-weight"]) > 0  # after the Redis cluster init
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert "shardqa index" in container["command"][2]
+    assert {"name": "SHARDQA_CORPUS", "value": "/home/ray/shardqa/samples/squad-dev-sample.json"} in container["env"]
+    (template,) = templates
+    stored = json.loads(template["data"]["job.json"])
+    # The stored Job is the hook Job without the hook.
+    assert stored["spec"] == job["spec"]
+    assert "annotations" not in stored["metadata"]
+
+
+def test_network_policies_and_pdbs(case):
+    name, values, docs = case
+    policies = {p["metadata"]["name"]: p for p in by_kind(docs, "NetworkPolicy")}
+    pdbs = {p["metadata"]["name"]: p for p in by_kind(docs, "PodDisruptionBudget")}
+    if values.get("networkPolicy.enabled") is False:
+        assert policies == {} and pdbs == {}
+        return
+    ray = policies["rel-shardqa-ray"]
+    ports = {p["port"] for rule in ray["spec"]["ingress"] for p in rule.get("ports", [])}
+    assert {8000, 8080, 8265, 52365} <= ports
+    if values.get("redis.mode") != "external":
+        redis = policies["rel-shardqa-redis"]
+        (rule,) = redis["spec"]["ingress"]
+        assert rule["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/instance"] == "rel"
+    assert "rel-shardqa-ray-cpu" in pdbs
+    assert ("rel-shardqa-ray-gpu" in pdbs) == bool(values.get("gpuWorkers.enabled"))
+    assert ("rel-shardqa-redis" in pdbs) == (values.get("redis.mode") == "cluster")
+    # Every PDB selects pods the chart actually labels.
+    labelled = {
+        spec_labels.get("app.kubernetes.io/component")
+        for spec_labels in _pod_labels(docs)
+    }
+    for pdb in pdbs.values():
+        assert pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] in labelled
+
+
+def _pod_labels(docs):
+    for doc in docs:
+        if doc["kind"] == "StatefulSet":
+            yield doc["spec"]["template"]["metadata"]["labels"]
+        if doc["kind"] == "RayService":
+            cluster = doc["spec"]["rayClusterConfig"]
+            yield cluster["headGroupSpec"]["template"]["metadata"]["labels"]
+            for group in cluster["workerGroupSpecs"]:
+                yield group["template"]["metadata"]["labels"]
+
+
+def test_ingress(case):
+    name, values, docs = case
+    ingresses = by_kind(docs, "Ingress")
+    if not values.get("ingress.enabled"):
+        assert ingresses == []
+        return
+    (ingress,) = ingresses
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    assert backend == {"name": "rel-shardqa-serve-svc", "port": {"number": 8000}}
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    assert ingress["spec"]["tls"][0]["secretName"] == "qa-tls"
+
+
+def test_monitoring_resources_follow_the_crds():
+    without = render()
+    assert by_kind(without, "PodMonitor") == [] and by_kind(without, "PrometheusRule") == []
+    with_crds = render(api_versions=(MONITORING_API,))
+    podmonitor = the(with_crds, "PodMonitor")
+    endpoint = podmonitor["spec"]["podMetricsEndpoints"][0]
+    assert endpoint["port"] == "metrics"
+    relabel = endpoint["metricRelabelings"][0]
+    assert relabel["regex"] == "ray_(shardqa_.*)" and relabel["replacement"] == "$1"
+    selected = podmonitor["spec"]["selector"]["matchExpressions"][0]["values"]
+    assert set(selected) == {"ray-head", "ray-worker-cpu", "ray-worker-gpu"}
+    forced = render({"monitoring.forceCRDs": True})
+    assert len(by_kind(forced, "PodMonitor")) == 1
+
+
+def test_prometheus_rule_is_the_rules_file_with_targets_from_values():
+    monitoring_rules = yaml.safe_load((MONITORING / "alerts" / "shardqa.rules.yaml").read_text())
+    rule = the(render(api_versions=(MONITORING_API,)), "PrometheusRule")
+    # Defaults: identical to the file promtool checks and unit-tests.
+    assert _normalise(rule["spec"]["groups"]) == _normalise(monitoring_rules["groups"])
+    custom = the(
+        render({"targets.p99Ms": 80, "targets.p50Ms": 25, "targets.cachedP50Ms": 2.5, "targets.errorRatio": 0.02}, (MONITORING_API,)),
+        "PrometheusRule",
+    )
+    targets = {
+        (r["record"], r.get("labels", {}).get("quantile"), r.get("labels", {}).get("cached")): r["expr"]
+        for r in custom["spec"]["groups"][0]["rules"]
+    }
+    assert targets[("shardqa:target_latency_seconds", "0.99", "false")] == "vector(0.08)"
+    assert targets[("shardqa:target_latency_seconds", "0.5", "false")] == "vector(0.025)"
+    assert targets[("shardqa:target_latency_seconds", "0.5", "true")] == "vector(0.0025)"
+    assert targets[("shardqa:target_error_ratio", None, None)] == "vector(0.02)"
+
+
+def _normalise(groups):
+    return [{"name": g["name"], "rules": [dict(sorted(r.items())) for r in g["rules"]]} for g in groups]
+
+
+def test_chart_files_are_copies_of_monitoring():
+    for name in ("alerts/shardqa.rules.yaml",):
+        assert (CHART / "files" / name).read_text() == (MONITORING / name).read_text(), name
+    chart_dashboards = sorted(p.name for p in (CHART / "files" / "dashboards").glob("*.json"))
+    assert chart_dashboards == sorted(p.name for p in (MONITORING / "dashboards").glob("*.json"))
+    for name in chart_dashboards:
+        assert (CHART / "files" / "dashboards" / name).read_text() == (MONITORING / "dashboards" / name).read_text()
+
+
+def test_dashboards_configmap_for_the_grafana_sidecar():
+    cm = next(c for c in by_kind(render(), "ConfigMap") if c["metadata"]["name"] == "rel-shardqa-dashboards")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert cm["metadata"]["annotations"]["grafana_folder"] == "shardqa"
+    for name, body in cm["data"].items():
+        assert json.loads(body) == json.loads((MONITORING / "dashboards" / name).read_text())
+
+
+def test_value_defaults_match_settings():
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    settings = get_settings()
+    assert values["targets"]["p50Ms"] == settings.target_p50_ms
+    assert values["targets"]["p99Ms"] == settings.target_p99_ms
+    assert values["targets"]["cachedP50Ms"] == settings.target_cached_p50_ms
+    assert values["serve"]["maxBatchSize"] == settings.max_batch_size
+    assert values["serve"]["batchWaitTimeoutS"] == settings.batch_wait_timeout_s
+    assert values["serve"]["backend"] == settings.backend
+    assert values["serve"]["routeK"] == settings.route_k
+    assert values["rayVersion"] == _pinned_ray_version()
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"serve.shards": 0}, "/serve/shards"),
+        ({"serve.backend": "tensorrt"}, "/serve/backend"),
+        ({"redis.password": "hunter2"}, "additional properties 'password' not allowed"),
+        ({"redis.mode": "sentinel"}, "/redis/mode"),
+        ({"podSecurityContext.runAsNonRoot": False}, "/podSecurityContext/runAsNonRoot"),
+        ({"targets.errorRatio": 2}, "/targets/errorRatio"),
+        ({"serve.extraEnv": {"PATH": "/tmp"}}, "'PATH' does not match pattern '^SHARDQA_"),
+        ({"redis.mode": "external", "redis.external.host": "r"}, "needs redis.auth.existingSecret"),
+        ({"serve.numGpusPerReplica": 1}, "needs gpuWorkers.enabled=true"),
+        ({"redis.mode": "cluster", "redis.cluster.nodes": 4}, "at least 3 x (1 + replicasPerMaster)"),
+    ],
+)
+def test_bad_values_fail_at_install_time(values, message):
+    result = run_helm("template", "rel", str(CHART), *set_args(values), check=False)
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+def test_notes_render():
+    result = run_helm("install", "rel", str(CHART), "--dry-run=client", "--namespace", "qa", "--set", "ingress.enabled=true")
+    assert "NOTES:" in result.stdout
+    assert "https" not in result.stdout.split("NOTES:")[1].split("3.")[0]
+    assert "http://shardqa.example.com/v1/answer" in result.stdout
+    assert "shardqa cluster status --namespace qa --name rel-shardqa" in result.stdout
