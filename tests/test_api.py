@@ -1,0 +1,135 @@
+"""The HTTP API's contract for client mistakes, in-process (no Ray): every
+error is `{"error": {"code", "message"}}` with the right 4xx, never a 5xx or a
+stack trace, and the OpenAPI document describes the endpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from shardqa.services.answer_cache import AnswerCache, MemoryBackend
+from shardqa.services.api import create_api
+from shardqa.services.qa_service import QAService
+from shardqa.services.questions import QuestionChecker
+from shardqa.services.service_config import settings_with
+from shardqa.services.shard_client import LocalShards
+from shardqa.tokenization import TextTokenizer
+
+TINY = Path(__file__).parent / "fixtures" / "tiny-bert-qa"
+
+
+@pytest.fixture(scope="module")
+def client():
+    settings = settings_with({"model": str(TINY), "max_body_bytes": 4096, "max_question_chars": 200, "max_batch_questions": 4})
+    tokenizer = TextTokenizer.from_pretrained(TINY)
+    # A service with no index loaded: requests that pass validation get 503.
+    service = QAService(settings, None, LocalShards([]), QuestionChecker.for_settings(settings, tokenizer), AnswerCache(MemoryBackend(), 60, 0.05))
+    with TestClient(create_api(service, settings), raise_server_exceptions=False) as c:
+        yield c
+
+
+def assert_error(response, status: int, code: str):
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
+    assert body["error"]["code"] == code, body
+    assert "Traceback" not in response.text and body["error"]["message"]
+    return body["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "body, status, code",
+    [
+        ({"question": ""}, 400, "invalid_question"),
+        ({"question": "   \n"}, 400, "invalid_question"),
+        ({"question": "why? " * 100}, 400, "question_too_long"),
+        ({"question": 42}, 422, "validation_error"),
+        ({"question": None}, 422, "validation_error"),
+        ({"question": ["a"]}, 422, "validation_error"),
+        ({"question": "Who?", "top_k": "3"}, 422, "validation_error"),
+        ({"question": "Who?", "top_k": 1.5}, 422, "validation_error"),
+        ({"question": "Who?", "top_k": True}, 422, "validation_error"),
+        ({"question": "Who?", "top_k": 0}, 422, "invalid_request"),
+        ({"question": "Who?", "top_k": 11}, 422, "invalid_request"),
+        ({"question": "Who?", "context": "x"}, 422, "validation_error"),
+        ({}, 422, "validation_error"),
+        ([], 422, "validation_error"),
+        ("just a string", 422, "validation_error"),
+    ],
+)
+def test_answer_refuses_client_mistakes(client, body, status, code):
+    assert_error(client.post("/v1/answer", json=body), status, code)
+
+
+def test_messages_name_the_field(client):
+    assert "unknown field" in assert_error(client.post("/v1/answer", json={"question": "Who?", "contxt": 1}), 422, "validation_error")
+    assert "contxt" in client.post("/v1/answer", json={"question": "Who?", "contxt": 1}).json()["error"]["message"]
+    assert "top_k" in assert_error(client.post("/v1/answer", json={"question": "Who?", "top_k": "1"}), 422, "validation_error")
+    assert "field required" in assert_error(client.post("/v1/answer", json={"top_k": 1}), 422, "validation_error")
+
+
+def test_malformed_json_is_400(client):
+    r = client.post("/v1/answer", content=b'{"question": "Who', headers={"content-type": "application/json"})
+    assert_error(r, 400, "invalid_json")
+
+
+def test_body_too_large_is_413(client):
+    assert_error(client.post("/v1/answer", json={"question": "x" * 5000}), 413, "request_too_large")
+
+
+def test_body_too_large_without_content_length_is_413(client):
+    def chunks():
+        for _ in range(10):
+            yield b"x" * 1000
+
+    r = client.post("/v1/answer", content=chunks(), headers={"content-type": "application/json"})
+    assert_error(r, 413, "request_too_large")
+
+
+def test_batch_refuses_bad_questions_with_their_position(client):
+    msg = assert_error(client.post("/v1/answer:batch", json={"questions": ["Who?", ""]}), 400, "invalid_question")
+    assert msg.startswith("questions[1]")
+    assert_error(client.post("/v1/answer:batch", json={"questions": []}), 422, "invalid_request")
+    assert_error(client.post("/v1/answer:batch", json={"questions": ["a?"] * 5}), 422, "invalid_request")
+    assert_error(client.post("/v1/answer:batch", json={"questions": "Who?"}), 422, "validation_error")
+
+
+def test_valid_requests_without_an_index_get_503(client):
+    assert_error(client.post("/v1/answer", json={"question": "Who gave their name to Normandy?"}), 503, "unavailable")
+    assert_error(client.get("/v1/index"), 503, "unavailable")
+
+
+def test_unknown_paths_and_methods(client):
+    assert_error(client.get("/v2/answer"), 404, "not_found")
+    assert_error(client.get("/v1/answer"), 405, "method_not_allowed")
+
+
+def test_health_and_metrics(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    r = client.get("/metrics")
+    assert r.status_code == 200 and "shardqa_requests_total" in r.text
+    # Requests are counted by route, refused ones included.
+    assert 'endpoint="/v1/answer"' in r.text and 'status="422"' in r.text
+
+
+def test_openapi_describes_the_api(client):
+    doc = client.get("/openapi.json").json()
+    paths = doc["paths"]
+    assert {"/v1/answer", "/v1/answer:batch", "/v1/index", "/healthz", "/readyz", "/metrics"} <= set(paths)
+    answer = paths["/v1/answer"]["post"]
+    schema_ref = answer["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    request_schema = doc["components"]["schemas"][schema_ref.rsplit("/", 1)[1]]
+    assert set(request_schema["properties"]) == {"question", "top_k"}
+    assert request_schema.get("additionalProperties") is False
+    assert {"200", "400", "413", "422", "503"} <= set(answer["responses"])
+    ok = answer["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
+    assert set(doc["components"]["schemas"][ok]["properties"]) == {"answers", "cached", "index_version"}
+    item = doc["components"]["schemas"]["AnswerItem"]["properties"]
+    assert set(item) == {"text", "score", "doc_id", "passage_id", "start", "end", "shard"}
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    json.dumps(doc)  # the document is plain JSON
