@@ -96,7 +96,9 @@ class TorchBackend:
             torch.set_num_threads(threads)
         self.torch = torch
         self.device = device
-        self.model = AutoModelForQuestionAnswering.from_pretrained(str(model_dir)).to(device).eval()
+        # Weights may ship in fp16 to stay small; computing in fp32 keeps CPU
+        # kernels fast and answers identical across backends.
+        self.model = AutoModelForQuestionAnswering.from_pretrained(str(model_dir), dtype=torch.float32).to(device).eval()
         self.input_names = _model_input_names(self.model)
 
     def run(self, input_ids, token_type_ids, attention_mask):
@@ -175,7 +177,7 @@ def _export_fp32(model_dir: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForQuestionAnswering
 
-    model = AutoModelForQuestionAnswering.from_pretrained(str(model_dir)).eval()
+    model = AutoModelForQuestionAnswering.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     names = _model_input_names(model)
     dummy = {n: torch.ones((1, 8), dtype=torch.long) for n in names}
 
