@@ -108,3 +108,33 @@ def register(app: typer.Typer) -> None:
         )
         final = run_training(cfg)
         typer.echo(f"model written to {final}")
+
+    @app.command("package-model")
+    def package_model(
+        run_dir: Path = typer.Argument(..., help="a training run folder (its final/ model and train_log.jsonl)"),
+        dest: Path = typer.Argument(..., help="the shipped model folder to write"),
+        squad_json: Path = typer.Option(Path.home() / ".cache" / "shardqa" / "squad" / "dev-v1.1.json", "--eval", help="SQuAD file for the card's figures"),
+        limit: Optional[int] = typer.Option(None, "--limit", min=1, help="evaluate on the first N questions only"),
+        recipe: str = typer.Option("shardqa train RUN_DIR", "--recipe", help="the command that trained it, for the card"),
+    ) -> None:
+        """Write the shipped model folder (fp16 weights, tokenizer, checksum) and its model card with measured EM/F1 per backend."""
+        from shardqa.services.reader import Reader
+        from shardqa.training.package import BACKENDS, export_weights, learning_curve, write_card
+        from shardqa.training.squad import load_squad
+
+        src = run_dir / "final"
+        if not (src / "config.json").exists():
+            from shardqa.cli import fail
+
+            raise fail(f"{run_dir} has no final/ model; has training finished?")
+        meta = export_weights(src, dest, model_id=dest.name)
+        examples = load_squad(squad_json)[: limit or None]
+        scores = {}
+        for b in BACKENDS:
+            scores[b] = evaluate_reader(Reader.load(dest, b), examples)
+            typer.echo(f"{b}: EM {scores[b]['exact_match']:.2f} F1 {scores[b]['f1']:.2f}")
+        train_cfg = json.loads((src / "training_config.json").read_text()) if (src / "training_config.json").exists() else {}
+        (dest / "eval.json").write_text(json.dumps(scores, indent=2) + "\n")
+        card = write_card(dest, meta, train_cfg, scores, learning_curve(run_dir), recipe)
+        typer.echo(f"wrote {dest} and {card}")
+
