@@ -334,6 +334,20 @@ async def run_levels(base_url: str, examples: Sequence[SquadExample], plan: Load
     return levels, info, qplan, raw
 
 
+async def drive_for(base_url: str, questions: Sequence[SquadExample], seconds: float, top_k: int = 1,
+                    timeout_s: float = 30.0) -> list[Sample]:
+    """Closed loop at concurrency 1 until ``seconds`` have passed or the
+    questions run out (used to keep a profiler busy with uncached requests)."""
+    samples: list[Sample] = []
+    deadline = time.perf_counter() + seconds
+    async with make_client(4, timeout_s) as client:
+        for q in questions:
+            if time.perf_counter() >= deadline:
+                break
+            samples.append(await ask(client, base_url.rstrip("/"), q, top_k))
+    return samples
+
+
 def describe_level(level: dict[str, Any]) -> str:
     load = f"c={level['concurrency']}" if level["mode"] == "closed" else f"rate={level['rate_qps']:g}/s"
     def f(v):
@@ -444,6 +458,27 @@ def end_to_end_f1(levels: Sequence[dict[str, Any]]) -> float | None:
     cold = [lv for lv in levels if lv["cache"] == "cold"]
     n = sum(lv["requests"] for lv in cold)
     return round(sum(lv["f1"] * lv["requests"] for lv in cold) / n, 3) if n else None
+
+
+def display_path(text: str) -> str:
+    """A path as the report shows it: relative to the repository when inside it,
+    ``~/...`` when under the home directory, else unchanged."""
+    from shardqa.config import REPO_ROOT
+
+    try:
+        p = Path(text).expanduser()
+        if not p.is_absolute():
+            return text
+        p = p.resolve()
+    except (OSError, ValueError):
+        return text
+    for root, prefix in ((REPO_ROOT.resolve(), ""), (Path.home().resolve(), "~/")):
+        try:
+            rel = p.relative_to(root)
+        except ValueError:
+            continue
+        return prefix + str(rel) if str(rel) != "." else (prefix.rstrip("/") or ".")
+    return text
 
 
 # --- machine ------------------------------------------------------------------

@@ -50,9 +50,21 @@ def default_questions_file() -> Path:
     return path
 
 
+def model_name(model_dir: Path) -> str:
+    """The id a model directory reports (its shardqa.json card, else its folder name),
+    as the service reports it in GET /v1/index."""
+    card = model_dir / "shardqa.json"
+    if card.exists():
+        try:
+            return str(json.loads(card.read_text()).get("model_id") or model_dir.name)
+        except (ValueError, OSError):
+            pass
+    return model_dir.name
+
+
 def resolve_baseline_model(model: Optional[str], service_index: dict | None) -> str:
-    """--model, else the model the service reports (when it is a local
-    directory here), else the configured default model."""
+    """--model, else the model the service reports when it is a local directory,
+    else the configured default model if it is the one the service runs."""
     from shardqa.config import get_settings
     from shardqa.errors import ModelNotFound
 
@@ -61,17 +73,34 @@ def resolve_baseline_model(model: Optional[str], service_index: dict | None) -> 
     reported = (service_index or {}).get("model")
     if reported and Path(reported).is_dir():
         return str(reported)
-    default = get_settings().model
-    if Path(default).is_dir():
-        return default
-    raise ModelNotFound(
-        f"no model for the baseline: the service reports {reported!r}, which is not a local directory, and the default "
-        f"{default!r} does not exist; pass --model"
-    )
+    default = Path(get_settings().model)
+    if not default.is_dir():
+        raise ModelNotFound(f"no model for the baseline: the default {default} does not exist; pass --model")
+    if reported and model_name(default) != Path(reported).name:
+        raise ModelNotFound(
+            f"the service runs model {reported!r} but the default model here is {model_name(default)!r}; "
+            "pass --model with the service's model directory so the baseline uses the same model"
+        )
+    return str(default)
+
+
+def _last_message(text: str) -> str:
+    """The last line of a command's error output that says something, with
+    the frame characters of rich's boxes taken off."""
+    for line in reversed(text.splitlines()):
+        line = line.strip().strip("│╭╮╰╯─ ").strip()
+        if any(ch.isalnum() for ch in line):
+            return line
+    return ""
 
 
 def command_line() -> str:
-    args = [Path(sys.argv[0]).name if sys.argv else "shardqa", *sys.argv[1:]]
+    """This command as typed, with paths shown relative to the repository or home."""
+    from shardqa.services.bench import display_path
+
+    args = [Path(sys.argv[0]).name if sys.argv else "shardqa", *(display_path(a) for a in sys.argv[1:])]
+    if args[0] in ("__main__.py", "cli.py"):
+        args[0] = "shardqa"
     return " ".join(shlex.quote(a) for a in args)
 
 
@@ -93,11 +122,14 @@ def run_bench(
     model: str | None = None,
     corpus_file: Path | None = None,
     log=None,
-) -> dict[str, Any]:
-    """The whole end-to-end benchmark; returns the result object."""
+) -> tuple[dict[str, Any], list, set[str]]:
+    """The whole end-to-end benchmark. Returns the result object, the questions
+    the cold levels asked (for scoring the reader on the same ones), and the
+    normal forms of every question asked (so a later pass can stay cold)."""
     import asyncio
 
     from shardqa.services import bench as B
+    from shardqa.services.bench import display_path
     from shardqa.training.squad import load_squad
 
     log = log or B._log
@@ -131,6 +163,7 @@ def run_bench(
         log(f"baseline: {n} questions, one at a time, in-process")
         base = run_baseline(naive, same)
         base.pop("predictions")
+        base["model"] = display_path(base["model"])
         svc_preds = {s.qid: (s.text or "") for s in ref_samples if s.ok}
         svc = squad_scores(svc_preds, list(same))
         base["service_f1_same_questions"] = round(svc["f1"], 3)
@@ -157,12 +190,14 @@ def run_bench(
         "warmup": warmup,
         "client": "asyncio + httpx, one process on the same machine as the service; latency measured per request "
                   "from the client (open loop: from the scheduled send time)",
-        "arrivals": "open loop: evenly spaced at 1/rate",
+        "arrivals": "requests evenly spaced at 1/rate",
     }
     machine["loadavg_at_end"] = [round(x, 2) for x in __import__("os").getloadavg()]
     result["machine"] = machine
     result["targets"] = B.evaluate_targets(result)
-    return result
+    cold_questions = [q for lv, (qs, _) in zip(levels, raw) if lv["cache"] == "cold" for q in qs]
+    asked = {B.question_key(q.question) for q in [*qplan.warmup, *cold_questions]}
+    return result, cold_questions, asked
 
 
 def register(app: typer.Typer) -> None:
@@ -192,7 +227,7 @@ def register(app: typer.Typer) -> None:
         conc = _ints(concurrency, "--concurrency")
         rts = _floats(rates, "--rates")
         qfile = questions or default_questions_file()
-        result = run_bench(url, qfile, limit=limit, concurrency=conc, rates=rts, top_k=top_k, seed=seed, warmup=warmup,
+        result, _, _ = run_bench(url, qfile, limit=limit, concurrency=conc, rates=rts, top_k=top_k, seed=seed, warmup=warmup,
                            warm=warm, timeout_s=timeout, ready_timeout_s=ready_timeout, baseline=baseline,
                            baseline_limit=baseline_limit, model=model, corpus_file=corpus)
         paths = B.write_reports(result, out)
@@ -243,3 +278,134 @@ def register(app: typer.Typer) -> None:
         else:
             typer.echo(R.reader_table(result))
             typer.echo(f"\nwrote {out / 'reader.json'}, {out / 'reader.md'}, {out / 'reader.png'}")
+
+    @app.command("bench-all")
+    def bench_all(
+        url: str = typer.Option("http://127.0.0.1:8000", "--url", help="base URL of the running service to benchmark"),
+        questions: Optional[Path] = typer.Option(None, "--questions", help="SQuAD-format JSON [default: SQuAD v1.1 dev]"),
+        store: Optional[str] = typer.Option(None, "--store", help="the service's index store, for `shardqa eval-route` [default: settings.store]"),
+        limit: int = typer.Option(200, "--limit", min=1, help="distinct questions per load level"),
+        concurrency: str = typer.Option("1,4,16", "--concurrency", help="closed-loop concurrency levels"),
+        rates: str = typer.Option("20,40,60", "--rates", help="open-loop request rates per second"),
+        seed: int = typer.Option(0, "--seed", help="question shuffle seed"),
+        baseline_limit: Optional[int] = typer.Option(None, "--baseline-limit", min=1, help="questions for the naive baseline [default: --limit]"),
+        model: Optional[str] = typer.Option(None, "--model", help="the service's model directory [default: as the service reports / settings.model]"),
+        backend: Optional[str] = typer.Option(None, "--backend", help="the service's backend, for the gold-paragraph F1 [default: settings.backend]"),
+        reader_runs: int = typer.Option(200, "--reader-runs", min=1, help="timed reader calls per backend and length"),
+        reader_lengths: str = typer.Option("32,64,128,256,384", "--reader-lengths", help="passage lengths for the reader benchmark"),
+        reader_backends: str = typer.Option("torch,onnx,onnx-int8", "--reader-backends", help="backends for the reader benchmark"),
+        route: bool = typer.Option(True, "--route/--no-route", help="run `shardqa eval-route --json`"),
+        profile_pid: Optional[int] = typer.Option(None, "--profile-pid", help="the service's process id: py-spy profiles it when a target is missed"),
+        profile_seconds: float = typer.Option(20.0, "--profile-seconds", min=1, help="how long to profile"),
+        out: Optional[Path] = typer.Option(None, "--out", help="results directory [default: <repo>/benchmarks/results]"),
+        markdown: Optional[Path] = typer.Option(None, "--markdown", help="the report to write [default: <repo>/BENCHMARKS.md]"),
+        as_json: bool = typer.Option(False, "--json", help="print the end-to-end result as one JSON object"),
+    ) -> None:
+        """Run every benchmark (end to end with the baseline, reader per backend, routing, a profile when a target is missed) and write BENCHMARKS.md."""
+        import asyncio
+        import subprocess
+
+        from shardqa.config import REPO_ROOT, get_settings
+        from shardqa.services import bench as B
+        from shardqa.services import bench_profile as P
+        from shardqa.services import bench_reader as R
+        from shardqa.services.bench_report import write_benchmarks_md
+        from shardqa.training.squad import load_squad
+
+        st = get_settings()
+        out = out or REPO_ROOT / "benchmarks" / "results"
+        markdown = markdown or REPO_ROOT / "BENCHMARKS.md"
+        out.mkdir(parents=True, exist_ok=True)
+        names = tuple(b.strip() for b in reader_backends.split(",") if b.strip())
+        bad = [b for b in names if b not in R.BACKENDS]
+        if bad:
+            raise B.BenchError(f"--reader-backends: unknown {', '.join(bad)}; choose from {', '.join(R.BACKENDS)}")
+        gold_backend = backend or st.backend
+        if gold_backend not in R.BACKENDS:
+            raise B.BenchError(f"--backend: unknown {gold_backend}; choose from {', '.join(R.BACKENDS)}")
+        qfile = questions or default_questions_file()
+        run_info: dict[str, Any] = {"commands": [command_line()]}
+        for stale in ("profile.json", "route.json"):  # never report a figure this run did not produce
+            (out / stale).unlink(missing_ok=True)
+
+        # 1. End to end over HTTP, with the naive baseline.
+        result, cold_questions, asked = run_bench(
+            url, qfile, limit=limit, concurrency=_ints(concurrency, "--concurrency"), rates=_floats(rates, "--rates"),
+            seed=seed, baseline_limit=baseline_limit, model=model)
+        model_dir = resolve_baseline_model(model, (result.get("service") or {}).get("index"))
+
+        # 2. Reader only, per backend; gold-paragraph F1 on the same uncached questions.
+        examples = load_squad(qfile)
+        reader = R.run_reader_bench(model_dir, names if gold_backend in names else (*names, gold_backend),
+                                    _ints(reader_lengths, "--reader-lengths"), reader_runs, examples,
+                                    f1_examples=cold_questions, log=B._log)
+        reader["command"] = command_line()
+        reader["started_at"] = result["meta"]["started_at"]
+        reader["machine"] = result["machine"]
+        (out / "reader.json").write_text(json.dumps(reader, indent=2) + "\n", encoding="utf-8")
+        (out / "reader.md").write_text(R.reader_table(reader) + "\n", encoding="utf-8")
+        R.plot_reader(reader, out / "reader.png")
+        result["gold_paragraph"] = {"backend": gold_backend, **reader["gold_paragraph"][gold_backend]}
+        result["targets"] = B.evaluate_targets(result)
+
+        # 3. Routing figures.
+        if route:
+            cmd = [sys.executable, "-m", "shardqa.cli", "eval-route", str(qfile), "--store", store or st.store, "--json"]
+            shown = "shardqa eval-route " + " ".join(shlex.quote(B.display_path(a)) for a in cmd[4:])
+            run_info["commands"].append(shown)
+            B._log(f"routing: {shown}")
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode == 0:
+                try:
+                    route_obj = {"command": shown, "result": json.loads(proc.stdout)}
+                except ValueError:
+                    route_obj = {"command": shown, "error": "output was not one JSON object"}
+            else:
+                route_obj = {"command": shown, "error": _last_message(proc.stderr) or f"exit {proc.returncode}"}
+            (out / "route.json").write_text(json.dumps(route_obj, indent=2) + "\n", encoding="utf-8")
+
+        # 4. A profile of the service when a target was missed.
+        if any(t["met"] is False for t in result["targets"]) and profile_pid:
+            fresh = [q for q in B.distinct_questions(examples) if B.question_key(q.question) not in asked]
+            import random
+
+            random.Random(seed + 1).shuffle(fresh)
+            raw_path = out / "profile.txt"
+            profile: dict[str, Any] = {"pid_profiled": True, "rate": 100, "seconds": profile_seconds, "raw": raw_path.name}
+            try:
+                B._log(f"profile: py-spy on the service's process tree for {profile_seconds:.0f} s under uncached load")
+                rec = P.start_recording(profile_pid, profile_seconds, raw_path, rate=profile["rate"])
+                time.sleep(1.0)  # py-spy attaches to every process first
+                samples = asyncio.run(B.drive_for(url, fresh, profile_seconds))
+                rec_out, _ = rec.communicate(timeout=profile_seconds + 120)
+                if rec.returncode != 0 or not raw_path.exists():
+                    raise RuntimeError((rec_out or "").strip().splitlines()[-1] if rec_out else f"py-spy exit {rec.returncode}")
+                ok = [s for s in samples if s.ok]
+                profile.update({"requests": len(samples), "p50_ms": B.latency_stats([s.latency_s for s in ok])["p50_ms"],
+                                "summary": P.summarize(P.parse_collapsed(raw_path.read_text(errors="replace")))})
+            except Exception as exc:  # a failed profile is reported, never fatal
+                profile["error"] = f"{type(exc).__name__}: {exc}"
+            (out / "profile.json").write_text(json.dumps(profile, indent=2) + "\n", encoding="utf-8")
+
+        paths = B.write_reports(result, out)
+        md = write_benchmarks_md(out, markdown, run_info)
+        B._log(f"wrote {', '.join(str(p) for p in paths.values())}, {out / 'reader.json'} and {md}")
+        if as_json:
+            typer.echo(json.dumps(result))
+        else:
+            typer.echo(B.targets_table(result["targets"]))
+
+    @app.command("bench-report")
+    def bench_report(
+        out: Optional[Path] = typer.Option(None, "--out", help="results directory [default: <repo>/benchmarks/results]"),
+        markdown: Optional[Path] = typer.Option(None, "--markdown", help="the report to write [default: <repo>/BENCHMARKS.md]"),
+    ) -> None:
+        """Re-render BENCHMARKS.md from the saved results of the last `shardqa bench-all` run (runs nothing)."""
+        from shardqa.config import REPO_ROOT
+        from shardqa.services.bench import BenchError
+        from shardqa.services.bench_report import write_benchmarks_md
+
+        out = out or REPO_ROOT / "benchmarks" / "results"
+        if not (out / "bench.json").exists() and not (out / "reader.json").exists():
+            raise BenchError(f"no results in {out}: run `shardqa bench-all` first")
+        typer.echo(f"wrote {write_benchmarks_md(out, markdown or REPO_ROOT / 'BENCHMARKS.md')}")

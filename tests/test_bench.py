@@ -142,6 +142,20 @@ class ServerThread:
         self.sock.close()
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_fake_forever(questions_path: str, port: int, delay_s: float = 0.002) -> None:
+    """The fake service in its own process (for tests that profile it)."""
+    import uvicorn
+
+    fake = FakeService(load_squad(questions_path), delay_s=delay_s)
+    uvicorn.run(fake.app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+
+
 # --- statistics, planning ----------------------------------------------------------
 
 def test_latency_stats_are_numpy_linear_percentiles_in_ms():
@@ -349,7 +363,7 @@ def test_bench_command_prints_one_json_object(examples, questions_path, tmp_path
         assert lv["cache"] in ("cold", "warm")
     base = obj["baseline"]
     assert {"p50_ms", "p99_ms", "f1", "exact_match"} <= set(base) and base["n"] == 4 and base["mode"] == "in-process"
-    assert base["model"] == str(TINY_MODEL)
+    assert base["model"] == "tests/fixtures/tiny-bert-qa"  # shown relative to the repository
     assert obj["speedup_p50"] == pytest.approx(base["p50_ms"] / obj["levels"][0]["p50_ms"], rel=1e-2)
     for name in ("bench.json", "bench.md", "bench.png"):
         assert (tmp_path / "res" / name).stat().st_size > 0

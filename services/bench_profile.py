@@ -1,0 +1,136 @@
+"""Where the time goes: a py-spy profile of the running service under load.
+
+`shardqa bench-all --profile-pid PID` samples the service's process tree
+(the `shardqa serve` process and, with ``--subprocesses``, the embedded Ray's
+replicas under it) with py-spy while the harness sends uncached questions,
+then reduces py-spy's collapsed stacks to tables: busy samples per process,
+the functions that are on CPU themselves (self time), and the project's own
+functions by inclusive time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+_RECORD = re.compile(r"(.*?) (\d+)\n", re.S)
+_LINE = re.compile(r":\d+\)$")
+#: Path fragments that mark the project's own code in a frame.
+OWN_CODE = ("/services/", "/router/", "/preprocessing/", "/monitoring/", "/shardqa/", "/training/")
+
+
+def py_spy() -> str | None:
+    """The py-spy executable: next to this Python first (a venv), then on PATH."""
+    here = Path(sys.executable).with_name("py-spy")
+    if here.exists() and os.access(here, os.X_OK):
+        return str(here)
+    return shutil.which("py-spy")
+
+
+def start_recording(pid: int, seconds: float, out: Path, rate: int = 100) -> subprocess.Popen:
+    exe = py_spy()
+    if exe is None:
+        raise FileNotFoundError("py-spy is not installed (pip install py-spy)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [exe, "record", "--pid", str(pid), "--subprocesses", "--duration", str(max(1, int(round(seconds)))),
+           "--rate", str(rate), "--format", "raw", "--output", str(out), "--nonblocking"]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+_PROCESS_START = re.compile(r'process \d+:"')
+_NEXT_FRAME = re.compile(r'process \d+:"|[^;]* \([^;]*\)(;|$)', re.S)
+
+
+def split_stack(stack: str) -> list[str]:
+    """Frames of one stack. Process frames (``process PID:"cmdline"``) come
+    first and their command lines may hold ``;`` and newlines, so each ends at
+    the first ``";`` followed by another process frame or a ``func (file:line)``."""
+    frames = []
+    rest = stack
+    while _PROCESS_START.match(rest):
+        pos = 0
+        while True:
+            end = rest.find('";', pos)
+            if end < 0:
+                return [*frames, rest]
+            if _NEXT_FRAME.match(rest, end + 2):
+                frames.append(rest[: end + 1])
+                rest = rest[end + 2 :]
+                break
+            pos = end + 1
+    return frames + (rest.split(";") if rest else [])
+
+
+def parse_collapsed(text: str) -> list[tuple[list[str], int]]:
+    """py-spy raw output: one record per stack, ``frame;frame;... count``."""
+    if text and not text.endswith("\n"):
+        text += "\n"
+    return [(split_stack(m.group(1)), int(m.group(2))) for m in _RECORD.finditer(text) if m.group(1)]
+
+
+def _is_process(frame: str) -> bool:
+    return frame.startswith("process ")
+
+
+def _process_label(frame: str) -> str:
+    m = re.match(r'process (\d+):"(.*)"$', frame, re.S)
+    if not m:
+        return frame
+    # Executables and scripts by name only: no machine paths in the report.
+    cmd = " ".join(Path(tok).name if "/" in tok else tok for tok in m.group(2).split())
+    return f"{m.group(1)}: {cmd[:70]}{'…' if len(cmd) > 70 else ''}"
+
+
+def _strip(frame: str) -> str:
+    """``func (path/file.py:123)`` -> ``func (file.py)``: one row per function."""
+    frame = _LINE.sub(")", frame)
+    m = re.match(r"(.*) \((.*)\)$", frame)
+    if not m:
+        return frame
+    return f"{m.group(1)} ({Path(m.group(2)).name})"
+
+
+def _own(frame: str) -> bool:
+    m = re.match(r".* \((.*)\)$", frame)
+    return bool(m) and any(part in m.group(1) for part in OWN_CODE) and "site-packages" not in m.group(1)
+
+
+def summarize(records: list[tuple[list[str], int]], top: int = 15) -> dict[str, Any]:
+    total = sum(n for _, n in records)
+    by_process: Counter = Counter()
+    self_time: Counter = Counter()
+    own_inclusive: Counter = Counter()
+    for frames, n in records:
+        procs = [f for f in frames if _is_process(f)]
+        code = [f for f in frames if not _is_process(f)]
+        by_process[_process_label(procs[-1]) if procs else "(this process)"] += n
+        if code:
+            self_time[_strip(code[-1])] += n
+        for f in {_strip(f) for f in code if _own(f)}:
+            own_inclusive[f] += n
+
+    def rows(counter: Counter) -> list[dict[str, Any]]:
+        return [{"frame": k, "samples": v, "share": round(v / total, 4) if total else 0.0} for k, v in counter.most_common(top)]
+
+    return {"samples": total, "processes": rows(by_process), "self": rows(self_time), "own_inclusive": rows(own_inclusive)}
+
+
+def profile_table(summary: dict[str, Any]) -> str:
+    def table(title: str, key: str) -> list[str]:
+        out = [f"**{title}**", "", "| share of busy samples | samples | |", "|---:|---:|---|"]
+        for r in summary[key]:
+            frame = r["frame"].replace("|", "\\|")
+            out.append(f"| {100 * r['share']:.1f}% | {r['samples']} | `{frame}` |")
+        return out + [""]
+
+    lines = [f"{summary['samples']} busy samples (idle threads excluded).", ""]
+    lines += table("By process", "processes")
+    lines += table("Self time (the function on CPU)", "self")
+    lines += table("shardqa's own functions, inclusive time", "own_inclusive")
+    return "\n".join(lines)
