@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -140,7 +141,18 @@ class RequestGate:
 
 
 def create_api(service: QAService, settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        # Runs on the serving event loop (Serve runs it in each ingress
+        # replica), where the service's background index watcher must live.
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="shardqa",
         version="1",
         description="Extractive question answering over a sharded, pre-tokenised index.",

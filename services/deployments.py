@@ -89,13 +89,14 @@ class ShardDeployment:
 @serve.deployment(name="ingress")
 @serve.ingress()
 class IngressDeployment:
-    async def __init__(self, config: ServiceConfig, *shard_handles):
+    def __init__(self, config: ServiceConfig, *shard_handles):
         from shardqa.services.qa_service import QAService
         from shardqa.services.shard_client import ServeShards
 
         self.config = config
+        # The API's lifespan starts the service (index watcher) on the
+        # replica's serving loop.
         self.service = QAService.create(config.settings, ServeShards(shard_handles))
-        await self.service.start()
 
     def __serve_build_asgi_app__(self):
         from shardqa.services.api import create_api

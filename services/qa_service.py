@@ -157,16 +157,10 @@ class QAService:
     def _build_view(self, version: str) -> IndexView:
         from shardqa.router import Router
 
-        manifest = self.store.manifest(version)
-        fingerprint = getattr(manifest, "tokenizer_fingerprint", None)
-        if fingerprint and fingerprint != self.checker.tokenizer.fingerprint:
-            from shardqa.errors import TokenizerMismatch
-
-            raise TokenizerMismatch(
-                f"index version {version} was tokenised with tokenizer {fingerprint}, "
-                f"but the serving model's is {self.checker.tokenizer.fingerprint}; re-index with this model"
-            )
-        return IndexView(version, manifest, Router.from_store(self.store, version))
+        # The router refuses an index tokenised with another tokenizer than
+        # the one the ingress tokenises questions with.
+        router = Router.from_store(self.store, version, tokenizer=self.checker.tokenizer)
+        return IndexView(version, self.store.manifest(version), router)
 
     def current_view(self) -> IndexView:
         view = self.view

@@ -67,7 +67,7 @@ class ShardWorker:
     def _load(self, version: str) -> dict[str, Passage]:
         t0 = time.perf_counter()
         try:
-            passages = self.store.load_shard(self.shard, version)
+            passages = self.store.load_shard(self.shard, version, tokenizer=self.reader.tokenizer)
         except StoreError:
             raise
         except Exception as exc:

@@ -10,23 +10,22 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from shardqa.services.answer_cache import AnswerCache, MemoryBackend
 from shardqa.services.api import create_api
 from shardqa.services.qa_service import QAService
-from shardqa.services.questions import QuestionChecker
 from shardqa.services.service_config import settings_with
 from shardqa.services.shard_client import LocalShards
-from shardqa.tokenization import TextTokenizer
 
 TINY = Path(__file__).parent / "fixtures" / "tiny-bert-qa"
 
 
 @pytest.fixture(scope="module")
-def client():
-    settings = settings_with({"model": str(TINY), "max_body_bytes": 4096, "max_question_chars": 200, "max_batch_questions": 4})
-    tokenizer = TextTokenizer.from_pretrained(TINY)
-    # A service with no index loaded: requests that pass validation get 503.
-    service = QAService(settings, None, LocalShards([]), QuestionChecker.for_settings(settings, tokenizer), AnswerCache(MemoryBackend(), 60, 0.05))
+def client(tmp_path_factory):
+    # A service over an empty store: requests that pass validation get 503.
+    store = tmp_path_factory.mktemp("empty-store")
+    settings = settings_with(
+        {"model": str(TINY), "store": str(store), "max_body_bytes": 4096, "max_question_chars": 200, "max_batch_questions": 4}
+    )
+    service = QAService.create(settings, LocalShards([]))
     with TestClient(create_api(service, settings), raise_server_exceptions=False) as c:
         yield c
 
@@ -99,8 +98,11 @@ def test_batch_refuses_bad_questions_with_their_position(client):
 
 
 def test_valid_requests_without_an_index_get_503(client):
-    assert_error(client.post("/v1/answer", json={"question": "Who gave their name to Normandy?"}), 503, "unavailable")
+    msg = assert_error(client.post("/v1/answer", json={"question": "Who gave their name to Normandy?"}), 503, "unavailable")
+    assert "index" in msg
     assert_error(client.get("/v1/index"), 503, "unavailable")
+    r = client.get("/readyz")
+    assert r.status_code == 503 and r.json()["ready"] is False and "index" in r.json()["reason"]
 
 
 def test_unknown_paths_and_methods(client):

@@ -1,0 +1,123 @@
+"""Answering over HTTP in one process (no Ray): a real index of the sample
+corpus, the real router and reader (tiny model), the in-process cache."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from shardqa.services.api import create_api
+from shardqa.services.qa_service import QAService
+from shardqa.services.service_config import settings_with
+from shardqa.services.shard_client import LocalShards
+from shardqa.services.shard_worker import ShardWorker
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "tests" / "fixtures" / "tiny-bert-qa"
+SAMPLE = ROOT / "samples" / "squad-dev-sample.json"
+QUESTIONS = [
+    "In what country is Normandy located?",
+    "Who gave their name to Normandy in the 1000's and 1100's?",
+    "What is the name of the first British satellite broadcaster?",
+    "What is the Amazon rainforest also known as in English?",
+    "How many people died of the Black Death?",
+]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    from shardqa.preprocessing.build import build_index
+    from shardqa.preprocessing.store import open_store
+    from shardqa.services.reader import Reader
+
+    store_dir = tmp_path_factory.mktemp("index")
+    build_index(SAMPLE, str(store_dir), 2, str(TINY))
+    settings = settings_with({"model": str(TINY), "store": str(store_dir), "backend": "torch", "route_k": 3, "index_refresh_s": 0.2})
+    reader = Reader.load(settings=settings, threads=1)
+    store = open_store(str(store_dir))
+    workers = [ShardWorker(s, reader, store) for s in range(2)]
+    service = QAService.create(settings, LocalShards(workers))
+    with TestClient(create_api(service, settings)) as client:
+        deadline = time.monotonic() + 60
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, client.get("/readyz").text
+            time.sleep(0.1)
+        yield client, store, store_dir
+
+
+def check_answers(store, body: dict, top_k: int):
+    answers = body["answers"]
+    assert 1 <= len(answers) <= top_k
+    assert [a["score"] for a in answers] == sorted((a["score"] for a in answers), reverse=True)
+    for a in answers:
+        assert set(a) == {"text", "score", "doc_id", "passage_id", "start", "end", "shard"}
+        # Offsets are into the document, whose text holds the answer there.
+        document = store.document_text(a["doc_id"], body["index_version"])
+        assert document[a["start"] : a["end"]] == a["text"] and a["text"]
+        assert 0 <= a["shard"] < 2
+
+
+def test_answers_point_into_their_documents(served):
+    client, store, _ = served
+    for q in QUESTIONS:
+        r = client.post("/v1/answer", json={"question": q, "top_k": 3})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["index_version"] == store.current_version()
+        check_answers(store, body, 3)
+
+
+def test_second_ask_is_cached_and_equal(served):
+    client, _, _ = served
+    q = "Who was the duke in the battle of Hastings?"
+    first = client.post("/v1/answer", json={"question": q}).json()
+    again = client.post("/v1/answer", json={"question": "  who was the DUKE in the battle of   Hastings? "}).json()
+    assert first["cached"] is False and again["cached"] is True
+    assert again["answers"] == first["answers"]
+    assert client.post("/v1/answer", json={"question": q, "top_k": 2}).json()["cached"] is False  # top_k is in the key
+
+
+def test_batch_answers_in_order(served):
+    client, store, _ = served
+    single = [client.post("/v1/answer", json={"question": q}).json() for q in QUESTIONS[:3]]
+    r = client.post("/v1/answer:batch", json={"questions": QUESTIONS[:3] + QUESTIONS[:1]})
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert len(results) == 4
+    for one, batched in zip(single + single[:1], results):
+        assert batched["answers"] == one["answers"]
+        check_answers(store, batched, 1)
+
+
+def test_index_info_and_readiness(served):
+    client, store, _ = served
+    info = client.get("/v1/index").json()
+    m = store.manifest()
+    assert info["version"] == m.version and info["shards"] == 2
+    assert info["num_passages"] == m.num_passages == sum(info["passages_per_shard"])
+    assert info["model"] == "tiny-bert-qa"
+    ready = client.get("/readyz").json()
+    assert ready["ready"] and [s["shard"] for s in ready["shards"]] == [0, 1]
+    assert all(m.version in s["versions"] for s in ready["shards"])
+
+
+def test_a_new_index_version_is_picked_up_and_never_serves_old_answers(served):
+    from shardqa.preprocessing.build import build_index
+
+    client, store, store_dir = served
+    q = QUESTIONS[0]
+    old = client.post("/v1/answer", json={"question": q}).json()
+    old_version = old["index_version"]
+    new_version = build_index(SAMPLE, str(store_dir), 2, str(TINY)).version
+    assert new_version != old_version
+    deadline = time.monotonic() + 30
+    while client.get("/v1/index").json()["version"] != new_version:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    fresh = client.post("/v1/answer", json={"question": q}).json()
+    assert fresh["index_version"] == new_version
+    assert fresh["cached"] is False  # the old version's cache entry is not used
+    check_answers(store, fresh, 1)
