@@ -1,0 +1,66 @@
+"""`shardqa index`: build a versioned, sharded, pre-tokenised index."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("index")
+    def index(
+        corpus: Path = typer.Argument(..., help="JSONL (id,title,text), SQuAD-format JSON, or a folder of .txt/.md files"),
+        store: Optional[str] = typer.Option(None, "--store", "-s", help="index directory or redis://, rediss://, redis+cluster://host:port URL [default: SHARDQA_STORE]"),
+        shards: Optional[int] = typer.Option(None, "--shards", "-n", min=1, help="number of shards [default: SHARDQA_SHARDS]"),
+        model: Optional[str] = typer.Option(None, "--model", "-m", help="model directory whose tokenizer pre-tokenises passages [default: SHARDQA_MODEL]"),
+        passage_sentences: Optional[int] = typer.Option(None, "--passage-sentences", min=1, help="sentences per passage window [default: SHARDQA_PASSAGE_SENTENCES]"),
+        passage_stride: Optional[int] = typer.Option(None, "--passage-stride", min=1, help="sentences between window starts (< sentences: windows overlap) [default: 2]"),
+        passage_max_tokens: Optional[int] = typer.Option(None, "--passage-max-tokens", min=16, help="cap on tokens per passage [default: SHARDQA_PASSAGE_MAX_TOKENS]"),
+        segmenter: str = typer.Option("blingfire", "--segmenter", help="sentence segmenter: blingfire or pysbd"),
+        on_error: str = typer.Option("stop", "--on-error", help="a bad record (invalid JSON line, document without text): stop, or skip it and report it"),
+        keep: int = typer.Option(3, "--keep", min=1, help="versions to keep in the store (older ones are dropped)"),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    ) -> None:
+        """Index a corpus: sentences, passages, sentence graph and ranking, shards, pre-tokenised passages; then make the new version current."""
+        from rich.console import Console
+        from rich.table import Table
+
+        from shardqa.preprocessing.build import build_index_report
+
+        if on_error not in ("skip", "stop"):
+            from shardqa.cli import fail
+
+            raise fail("--on-error must be skip or stop")
+        result = build_index_report(
+            corpus, store, shards, model, window=passage_sentences, stride=passage_stride,
+            max_tokens=passage_max_tokens, on_error=on_error, keep=keep, progress=not quiet, segmenter=segmenter,
+        )
+        err = Console(stderr=True)
+        for problem in result.problems:
+            err.print(f"[yellow]skipped:[/] {problem}", highlight=False, markup=True)
+        m = result.manifest
+        con = Console()
+        con.print(f"index version [bold]{m.version}[/] is current in {result.store_url}", highlight=False)
+        table = Table(show_header=True, header_style="bold")
+        table.add_column("shard")
+        table.add_column("tag")
+        table.add_column("passages", justify="right")
+        table.add_column("tokens", justify="right")
+        for s in range(m.shards):
+            table.add_row(str(s), f"{{s{s}}}", str(m.passages_per_shard[s]), str(m.tokens_per_shard[s]))
+        con.print(table)
+        p = m.params
+        con.print(
+            f"documents {m.num_documents} · sentences {m.num_sentences} · passages {m.num_passages} "
+            f"(mean {p.get('mean_passage_tokens')} tokens; windows of {p.get('passage_sentences')} sentences, "
+            f"stride {p.get('passage_stride')}, cap {p.get('passage_max_tokens')}) · graph edges {p.get('graph_edges')}",
+            highlight=False,
+        )
+        if result.long_sentences:
+            con.print(f"{result.long_sentences} sentences longer than the cap were cut into overlapping pieces", highlight=False)
+        if result.problems:
+            con.print(f"[yellow]{len(result.problems)} records skipped[/] (listed above)")
+        phases = " ".join(f"{k} {v:.1f}s" for k, v in result.phase_seconds.items())
+        con.print(f"model {m.model} (tokenizer {m.tokenizer_fingerprint}) · {result.seconds:.1f} s ({phases})", highlight=False)

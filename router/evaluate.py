@@ -1,0 +1,132 @@
+"""`shardqa eval-route`: recall of the router against gold SQuAD answers.
+
+A question counts as recalled at k when one of its gold answer spans lies
+wholly inside one of the first k routed passages (same document, character
+span inside the passage's span). The same passages are also ranked by a plain
+BM25 retriever (bm25s with its English stop words and a Snowball stemmer over
+the passage texts) in the same run, as the baseline.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from shardqa.errors import CorpusError
+
+KS = (1, 3, 5, 8)
+
+
+@dataclass
+class RouteEval:
+    questions: int
+    recall: dict[int, float]
+    mean_shards: float
+    mean_shards_at: dict[int, float]
+    mean_passage_tokens: float
+    p50_ms: float
+    p99_ms: float
+    baseline_recall: dict[int, float]
+    missing_documents: int
+    index_mean_passage_tokens: float
+
+    def to_json(self) -> dict:
+        r = lambda d: {str(k): round(v, 4) for k, v in d.items()}  # noqa: E731
+        return {
+            "recall": r(self.recall),
+            "mean_shards": round(self.mean_shards, 3),
+            "mean_passage_tokens": round(self.mean_passage_tokens, 2),
+            "p50_ms": round(self.p50_ms, 3),
+            "p99_ms": round(self.p99_ms, 3),
+            "baseline": {"recall": r(self.baseline_recall)},
+        }
+
+
+def _hits(router, gold_doc: int, spans, idx: np.ndarray) -> np.ndarray:
+    ok = np.zeros(len(idx), dtype=bool)
+    for j, i in enumerate(idx.tolist()):
+        if router.p_doc[i] != gold_doc:
+            continue
+        a, b = int(router.p_span[i, 0]), int(router.p_span[i, 1])
+        ok[j] = any(a <= s and e <= b for s, e in spans)
+    return ok
+
+
+def evaluate_routing(router, store, squad_path, limit: int | None = None, baseline: bool = True) -> RouteEval:
+    from shardqa.preprocessing.corpus import read_squad_questions
+
+    questions = read_squad_questions(squad_path)
+    if limit:
+        questions = questions[:limit]
+    doc_index = {d: i for i, d in enumerate(router.doc_ids)}
+    missing = sum(q.doc_id not in doc_index for q in questions)
+    if missing == len(questions):
+        raise CorpusError(
+            f"the index (version {router.version}) was not built from {squad_path}'s contexts: "
+            f"build it first with: shardqa index {squad_path} --store {store.url}"
+        )
+    kmax = max(KS)
+    hits = {k: 0 for k in KS}
+    shards_at = {k: 0.0 for k in KS}
+    tokens = 0.0
+    lat: list[float] = []
+    # warm-up (first-call allocations) is not a routing latency
+    for q in questions[:5]:
+        router.route(q.question, kmax)
+    for q in questions:
+        t = time.perf_counter()
+        result = router.route(q.question, kmax)
+        lat.append((time.perf_counter() - t) * 1000.0)
+        idx = np.asarray([router_index(router, p.passage_id) for p in result.passages], dtype=np.int64)
+        gold = doc_index.get(q.doc_id, -1)
+        ok = _hits(router, gold, q.answers, idx)
+        for k in KS:
+            hits[k] += bool(ok[:k].any())
+            shards_at[k] += len({p.shard for p in result.passages[:k]})
+        tokens += float(router.p_tokens[idx].mean()) if len(idx) else 0.0
+    n = len(questions)
+    base = _baseline(router, store, questions, doc_index) if baseline else {k: float("nan") for k in KS}
+    return RouteEval(
+        questions=n,
+        recall={k: hits[k] / n for k in KS},
+        mean_shards=shards_at[kmax] / n,
+        mean_shards_at={k: v / n for k, v in shards_at.items()},
+        mean_passage_tokens=tokens / n,
+        p50_ms=float(np.percentile(lat, 50)),
+        p99_ms=float(np.percentile(lat, 99)),
+        baseline_recall=base,
+        missing_documents=missing,
+        index_mean_passage_tokens=float(np.mean(router.p_tokens)) if len(router.p_tokens) else 0.0,
+    )
+
+
+def router_index(router, passage_id: str) -> int:
+    table = getattr(router, "_pid_index", None)
+    if table is None:
+        table = router._pid_index = {p: i for i, p in enumerate(router.passage_ids)}
+    return table[passage_id]
+
+
+def _baseline(router, store, questions, doc_index) -> dict[int, float]:
+    """Plain BM25 (bm25s) over the same passages' texts."""
+    import bm25s
+    import Stemmer
+
+    texts = [""] * router.n_passages
+    for s in range(router.manifest.shards):
+        for p in store.load_shard(s, router.version):
+            texts[router_index(router, p.passage_id)] = p.text
+    stemmer = Stemmer.Stemmer("english")
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize(texts, stopwords="en", stemmer=stemmer, show_progress=False), show_progress=False)
+    kmax = max(KS)
+    q_tokens = bm25s.tokenize([q.question for q in questions], stopwords="en", stemmer=stemmer, show_progress=False)
+    docs, _ = retriever.retrieve(q_tokens, k=min(kmax, len(texts)), show_progress=False, n_threads=1)
+    hits = {k: 0 for k in KS}
+    for q, row in zip(questions, docs):
+        ok = _hits(router, doc_index.get(q.doc_id, -1), q.answers, np.asarray(row, dtype=np.int64))
+        for k in KS:
+            hits[k] += bool(ok[:k].any())
+    return {k: hits[k] / len(questions) for k in KS}
