@@ -268,10 +268,14 @@ def hand_written(rec: Recorder, squad: list[dict]) -> None:
     rec.add("short-max-answer-30", *SHORT[4], max_answer_len=30, top_k=3)
     rec.add("short-impossible", *SHORT[1], handle_impossible_answer=True, top_k=3)
     rec.add("short-impossible-top1", *SHORT[3], handle_impossible_answer=True)
-    # Cases where the null answer ("", 0, 0) ranks among the answers returned.
     rec.add("short-impossible-top11", *SHORT[1], handle_impossible_answer=True, top_k=11)
-    rec.add("unicode-emoji-impossible", *UNICODE[2][1:], handle_impossible_answer=True, top_k=3)
-    rec.add("unicode-controls-impossible", *UNICODE[7][1:], handle_impossible_answer=True, top_k=2)
+    # Very short contexts, where the null answer ("", 0, 0) ranks first or
+    # among the answers returned.
+    rec.add("null-first", "How many?", "Three.", handle_impossible_answer=True, top_k=3)
+    rec.add("null-first-top1", "How many?", "Three.", handle_impossible_answer=True)
+    rec.add("null-second", "What colour is the sky?", "Blue.", handle_impossible_answer=True, top_k=2)
+    rec.add("null-third", "Who?", "Nobody knows.", handle_impossible_answer=True, top_k=4)
+    rec.add("null-off", "How many?", "Three.", top_k=2)
 
     for name, q, c in UNICODE:
         rec.add(name, q, c)
