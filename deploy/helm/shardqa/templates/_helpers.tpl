@@ -202,7 +202,7 @@ spec:
             - sh
             - -ec
             - |
-              shardqa index "$SHARDQA_CORPUS" "$@"
+              shardqa index "$SHARDQA_CORPUS" --quiet "$@"
               python -c 'from shardqa.monitoring.cluster import report_index_version; report_index_version()'
             - shardqa-index
             {{- range .Values.index.extraArgs }}
