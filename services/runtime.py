@@ -17,6 +17,9 @@ from shardqa.services.service_config import ServiceConfig
 
 log = logging.getLogger(__name__)
 
+#: Attempts at starting an embedded Ray before giving up.
+STARTUP_ATTEMPTS = 3
+
 
 @dataclass
 class RunningService:
@@ -56,13 +59,24 @@ def start_ray(config: ServiceConfig, address: str | None, *, quiet: bool = True)
         return False
     num_cpus = max(os.cpu_count() or 1, math.ceil(config.total_cpus))
     num_gpus = math.ceil(config.total_gpus) if config.total_gpus else None
-    ray.init(
-        num_cpus=num_cpus,
-        num_gpus=num_gpus,
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-        log_to_driver=not quiet,
-    )
+    for attempt in range(1, STARTUP_ATTEMPTS + 1):
+        try:
+            ray.init(
+                num_cpus=num_cpus,
+                num_gpus=num_gpus,
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+                log_to_driver=not quiet,
+            )
+            break
+        except Exception as exc:
+            # On a small, busy machine the raylet can give up waiting for
+            # its agents (Python processes) to start; a second try usually
+            # finds the imports warm in the page cache.
+            if "timed out during startup" not in str(exc) or attempt == STARTUP_ATTEMPTS:
+                raise
+            log.warning("Ray did not start in time (attempt %d of %d); trying again", attempt, STARTUP_ATTEMPTS)
+            ray.shutdown()
     return True
 
 
