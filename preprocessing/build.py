@@ -152,16 +152,16 @@ def build_index_report(
         return time.perf_counter()
 
     t = time.perf_counter()
-    if tokenizer is None:
-        tokenizer = TextTokenizer.from_pretrained(model)
-    t = phase("load_tokenizer", t)
-    # Opening the store before the work: an unreachable Redis fails fast.
+    # Fail fast, before any real work: an unreachable store, a bad corpus.
     store = store_url if isinstance(store_url, IndexStore) else open_store(store_url)
     if hasattr(store, "ping"):
         store.ping()
     report = read_corpus(corpus_path, on_error=on_error)  # type: ignore[arg-type]
     docs: list[Document] = report.documents
     t = phase("read", t)
+    if tokenizer is None:
+        tokenizer = TextTokenizer.from_pretrained(model)
+    t = phase("load_tokenizer", t)
 
     from shardqa.preprocessing.segment import SentenceSegmenter
 

@@ -12,9 +12,9 @@ Key layout (``P`` is the key prefix, ``shardqa`` unless the URL says
     P:v:V:manifest                  string: IndexManifest JSON (written after all data)
     P:v:V:docs                      hash: doc_id -> JSON [title, text]
     P:v:V:tables:meta / :NAME       routing tables (JSON / .npy bytes)
-    P:v:V:{sN}:passages             string: JSON metadata of shard N's passages
-    P:v:V:{sN}:tok_ptr|ids|offsets|word_ids   .npy bytes: the pre-tokenised passages
-    P:v:V:{sN}:rank                 sorted set: passage id -> graph ranking score
+    P:{sN}:V:passages               string: JSON metadata of shard N's passages
+    P:{sN}:V:tok_ptr|ids|offsets|word_ids     .npy bytes: the pre-tokenised passages
+    P:{sN}:V:rank                   sorted set: passage id -> graph ranking score
 
 Everything of one shard carries the shard's hash tag, so in a cluster it lives
 in one slot and is read from one node; the ranking is read with
@@ -99,6 +99,8 @@ class RedisStore(IndexStore):
             raise StoreError(f"cannot reach Redis at {self.url}: {exc}") from None
         except (ValueError, self._response_error) as exc:
             raise StoreError(f"bad Redis store URL {self.url}: {exc}") from None
+        #: the redis-py client (``redis.Redis`` or ``redis.cluster.RedisCluster``)
+        self.r = self._client
 
     # --- keys ------------------------------------------------------------------------
     def _k(self, *parts: str) -> str:
@@ -108,7 +110,7 @@ class RedisStore(IndexStore):
         return self._k("v", version, *parts)
 
     def _sk(self, version: str, shard: int, name: str) -> str:
-        return self._vk(version, self.shard_tag(shard), name)
+        return self._k(self.shard_tag(shard), version, name)
 
     # --- plumbing ------------------------------------------------------------------
     def _call(self, fn, *args, **kwargs):
@@ -249,7 +251,7 @@ class RedisStore(IndexStore):
             raise StoreError(f"index version {version} already exists in {self.url}")
         keys_key = self._vk(version, "keys")
         try:
-            self._write_parts(bundle, keys_key)
+            self._call(self._write_parts, bundle, keys_key)
             # Last: the manifest (the version exists from now on) and the list of versions.
             self._call(self._client.set, self._vk(version, "manifest"), bundle.manifest.to_json())
             self._call(self._client.zadd, self._k("versions"), {version: time.time()})

@@ -81,8 +81,10 @@ class IndexBundle:
 
 
 def new_version() -> str:
-    """Sortable by time of creation, unique: 20250101T120000Z-3fa2c1."""
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+    """Sortable by time of creation, unique: 20250101T120000.123456Z-3fa2c1."""
+    now = time.time()
+    micros = int((now % 1) * 1_000_000)
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{micros:06d}Z-" + secrets.token_hex(3)
 
 
 def check_tokenizer(manifest: IndexManifest, tokenizer) -> None:

@@ -38,7 +38,7 @@ from shardqa.types import RoutedPassage, RouteResult
 class RouteParams:
     w_passage: float = 1.0
     w_document: float = 1.0
-    w_graph: float = 0.5
+    w_graph: float = 0.15
     w_prior: float = 0.0
     ppr_alpha: float = 0.5  # probability of following an edge in personalised PageRank
     ppr_steps: int = 3

@@ -1,0 +1,154 @@
+"""One suite, run on every store: the embedded directory, a standalone Redis
+and a 3-master Redis Cluster (real redis-server processes on loopback)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from redis_servers import RedisClusterProcs, RedisServer, free_port
+from shardqa.errors import IndexNotFound, StoreError
+from shardqa.preprocessing.build import build_index
+from shardqa.preprocessing.store import IndexStore, open_store
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "tests" / "fixtures" / "tiny-bert-qa"
+DOCS = [
+    {"id": f"d{i}", "title": f"Topic {i % 3}", "group": f"g{i % 3}",
+     "text": f"Document {i} is about subject {i}. It mentions river{i} and mountain{i}. "
+             f"The capital of land{i} is city{i}. People in land{i} speak tongue{i}."}
+    for i in range(9)
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from shardqa.tokenization import TextTokenizer
+
+    return TextTokenizer.from_pretrained(TINY)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "c.jsonl"
+    path.write_text("\n".join(json.dumps(d) for d in DOCS), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module", params=["directory", pytest.param("redis", marks=pytest.mark.redis),
+                                         pytest.param("cluster", marks=pytest.mark.redis)])
+def store_url(request, tmp_path_factory):
+    if request.param == "directory":
+        yield str(tmp_path_factory.mktemp("store") / "index")
+    elif request.param == "redis":
+        with RedisServer() as server:
+            yield server.url
+    else:
+        with RedisClusterProcs(3) as cluster:
+            yield cluster.url
+
+
+def test_store_suite(store_url, corpus, tokenizer):
+    from shardqa.router import Router
+
+    store: IndexStore = open_store(store_url)
+    with pytest.raises(IndexNotFound):
+        store.current_version()
+    m1 = build_index(corpus, store_url, 3, TINY, tokenizer=tokenizer, keep=2)
+    assert store.current_version() == m1.version and store.versions() == [m1.version]
+    m = store.manifest()
+    assert m == m1 and m.shards == 3 and m.num_documents == 9 and m.tokenizer_fingerprint == tokenizer.fingerprint
+    assert [store.shard_tag(s) for s in range(3)] == ["{s0}", "{s1}", "{s2}"]
+
+    # each group (3 documents) sits whole on one shard; every passage reads back exactly
+    for s in range(3):
+        passages = store.load_shard(s, tokenizer=tokenizer)
+        assert len(passages) == m.passages_per_shard[s] and len({p.doc_id[1:] and int(p.doc_id[1:]) % 3 for p in passages}) == 1
+        for p in passages:
+            assert p.shard == s
+            assert store.document_text(p.doc_id)[p.doc_start:p.doc_start + len(p.text)] == p.text
+            assert np.array_equal(p.tokens.ids, tokenizer.tokenize(p.text).ids)
+    with pytest.raises(StoreError):
+        store.load_shard(3)
+
+    # the ranking: range by score, ascending or descending, with a limit
+    full = store.ranking(0)
+    assert len(full) == m.passages_per_shard[0] and [s for _, s in full] == sorted(s for _, s in full)
+    mid = full[len(full) // 2][1]
+    upper = store.ranking(0, min_score=mid)
+    assert upper == [x for x in full if x[1] >= mid]
+    assert store.ranking(0, max_score=mid, descending=True, limit=2) == [x for x in full if x[1] <= mid][::-1][:2]
+
+    # routing reads the same from every store
+    router = Router.from_store(store)
+    result = router.route("What is the capital of land4?", 3)
+    assert result.passages[0].doc_id == "d4" and result.passages[0].shard_tag == store.shard_tag(result.passages[0].shard)
+
+    # re-index: the new version becomes current, the old one stays readable until dropped
+    m2 = build_index(corpus, store_url, 2, TINY, tokenizer=tokenizer, keep=5)
+    assert store.current_version() == m2.version and store.versions() == [m1.version, m2.version]
+    assert store.manifest(m1.version).shards == 3 and len(store.load_shard(2, m1.version)) == m1.passages_per_shard[2]
+    assert Router.from_store(store, m1.version).route("capital of land4", 1).passages[0].doc_id == "d4"
+    with pytest.raises(StoreError, match="is current"):
+        store.drop_version(m2.version)
+    store.drop_version(m1.version)
+    assert store.versions() == [m2.version]
+    with pytest.raises(IndexNotFound):
+        store.load_shard(0, m1.version)
+    store.set_current(m2.version)
+    with pytest.raises(IndexNotFound):
+        store.set_current(m1.version)
+
+
+@pytest.mark.redis
+def test_cluster_keys_of_a_shard_share_one_slot(corpus, tokenizer):
+    import redis
+
+    with RedisClusterProcs(3) as cluster:
+        m = build_index(corpus, cluster.url, 3, TINY, tokenizer=tokenizer)
+        keys = []
+        for node in cluster.nodes:
+            client = redis.Redis(port=node.port)
+            keys += [k.decode() for k in client.scan_iter(match="shardqa:*", count=1000)]
+        rc = redis.RedisCluster(host="127.0.0.1", port=cluster.nodes[0].port)
+        for s in range(3):
+            mine = [k for k in keys if "{s%d}" % s in k]
+            assert len(mine) == 6  # four token arrays, metadata, ranking
+            assert len({rc.keyslot(k) for k in mine}) == 1
+            assert rc.type(f"shardqa:{{s{s}}}:{m.version}:rank") == b"zset"
+        assert len({rc.keyslot(f"shardqa:{{s{s}}}:x") for s in range(3)}) == 3
+        assert not any(rc.ttl(k) >= 0 for k in keys)  # complete versions are permanent
+        rc.close()
+
+
+@pytest.mark.redis
+def test_unreachable_redis_and_a_failed_write(corpus, tokenizer, monkeypatch):
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    with pytest.raises(StoreError, match="cannot reach Redis"):
+        build_index(corpus, url, 2, TINY, tokenizer=tokenizer)
+    with RedisServer() as server:
+        store = open_store(server.url)
+        v1 = build_index(corpus, store, 2, TINY, tokenizer=tokenizer).version
+        import redis
+
+        client = redis.Redis(port=server.port)
+        before = set(client.keys("*"))
+        calls = []
+        real_zadd = type(store.r).zadd
+
+        def dying_zadd(self, *a, **kw):
+            calls.append(a)
+            if len(calls) > 1:
+                raise redis.exceptions.ConnectionError("connection reset by peer")
+            return real_zadd(self, *a, **kw)
+
+        monkeypatch.setattr(type(store.r), "zadd", dying_zadd)
+        with pytest.raises(StoreError, match="cannot reach Redis.*connection reset"):
+            build_index(corpus, store, 2, TINY, tokenizer=tokenizer)
+        monkeypatch.undo()
+        assert store.current_version() == v1 and store.versions() == [v1]
+        assert set(client.keys("*")) == before  # the half-written version was removed
+        client.close()
