@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import json
+import random
 from pathlib import Path
 
 import numpy as np
@@ -113,28 +114,54 @@ def assert_windows_equal(r: Reader, question: str, passage: str, max_seq_len: in
 #: separators), controls (tabs, newlines, NUL) and format characters
 #: (zero-width joiners, BOM, bidi marks, soft hyphens).
 ANY_CHAR = st.characters(codec="utf-8", exclude_categories=("Cs",))
-TRICKY = st.sampled_from(
-    [
-        "é", "e\u0301", "n\u0303", "Å", "ß", "İ", "ı", "ﬁ", "ǅ", "Σ", "\u212a",
-        "東京", "北京大学", "한국어", "ひらがな", "カタカナ", "汉字", "𠀀",
-        "🎉", "👩\u200d💻", "🧔🏽", "🇫🇷", "❤️", "1\ufe0f\u20e3", "🏳️\u200d🌈",
-        "\u00a0", "\u2003", "\u200b", "\u3000", "\t", "\n", "\r\n", "\u2028", "\u00ad", "\ufeff",
-        "\u202e", "\x00", "\x07", "\x1f", "\ufffd", "...", "—", "«", "»", "'", "\"", "$3.50", "1,000",
-        "don't", "U.S.A.", "e-mail", "unaffable", "antidisestablishmentarianism",
-    ]
-)
-WORDS = st.sampled_from(
+TRICKY_STRINGS = [
+    "é", "e\u0301", "n\u0303", "Å", "ß", "İ", "ı", "ﬁ", "ǅ", "Σ", "\u212a",
+    "東京", "北京大学", "한국어", "ひらがな", "カタカナ", "汉字", "𠀀",
+    "🎉", "👩\u200d💻", "🧔🏽", "🇫🇷", "❤️", "1\ufe0f\u20e3", "🏳️\u200d🌈",
+    "\u00a0", "\u2003", "\u200b", "\u3000", "\t", "\n", "\r\n", "\u2028", "\u00ad", "\ufeff",
+    "\u202e", "\x00", "\x07", "\x1f", "\ufffd", "...", "—", "«", "»", "'", "\"", "$3.50", "1,000",
+    "don't", "U.S.A.", "e-mail", "unaffable", "antidisestablishmentarianism",
+]
+WORD_LIST = (
     "the of and to in a is was for on as with by he at from his an were are which this be "
-    "river city music played bridge population university century government war".split()
-)
-SEPARATORS = st.sampled_from([" ", " ", " ", "", "\n", "\t", "  ", "\u00a0", "\u200b"])
+    "river city music played bridge population university century government war"
+).split()
+SEPARATOR_LIST = [" ", " ", " ", "", "\n", "\t", "  ", "\u00a0", "\u200b"]
+TRICKY = st.sampled_from(TRICKY_STRINGS)
+WORDS = st.sampled_from(WORD_LIST)
+SEPARATORS = st.sampled_from(SEPARATOR_LIST)
+
+
+def random_char(rng) -> str:
+    """Any code point but surrogates, biased towards the BMP."""
+    while True:
+        cp = rng.randrange(0x30000) if rng.random() < 0.2 else rng.randrange(0x10000)
+        if not 0xD800 <= cp <= 0xDFFF:
+            return chr(cp)
 
 
 @st.composite
 def texts(draw, max_pieces: int, min_pieces: int = 0):
-    pieces = draw(st.lists(st.one_of(WORDS, TRICKY, st.text(ANY_CHAR, max_size=6)), min_size=min_pieces, max_size=max_pieces))
-    seps = draw(st.lists(SEPARATORS, min_size=len(pieces), max_size=len(pieces)))
-    return "".join(p + s for p, s in zip(pieces, seps))
+    if max_pieces <= 100:
+        pieces = draw(st.lists(st.one_of(WORDS, TRICKY, st.text(ANY_CHAR, max_size=6)), min_size=min_pieces, max_size=max_pieces))
+        seps = draw(st.lists(SEPARATORS, min_size=len(pieces), max_size=len(pieces)))
+        return "".join(p + s for p, s in zip(pieces, seps))
+    # Long texts: drawing hundreds of list elements one by one is slow, so a
+    # drawn seed builds them from the same pools (words, tricky strings, raw
+    # code points of every category) and separators.
+    rng = random.Random(draw(st.integers(0, 2**32 - 1)))
+    n = rng.randint(min_pieces, max_pieces)
+    out = []
+    for _ in range(n):
+        r = rng.random()
+        if r < 0.6:
+            out.append(rng.choice(WORD_LIST))
+        elif r < 0.8:
+            out.append(rng.choice(TRICKY_STRINGS))
+        else:
+            out.append("".join(random_char(rng) for _ in range(rng.randint(1, 6))))
+        out.append(rng.choice(SEPARATOR_LIST))
+    return "".join(out)
 
 
 questions = texts(max_pieces=12)
