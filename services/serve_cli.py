@@ -59,6 +59,10 @@ def register(app: typer.Typer) -> None:
                 shards_config=str(shards_config) if shards_config else None,
             )
         )
+        from shardqa.services.reader import check_qa_model, resolve_model_dir
+
+        # A missing or wrong model fails here, in one line, before Ray starts.
+        check_qa_model(resolve_model_dir(config.settings.model, config.settings.cache_dir))
         typer.echo(f"starting {config.shards} shard deployment(s) of {config.settings.store} ...", err=True)
         running = deploy(config, settings.host, settings.port, address=ray_address or settings.ray_address, quiet=not verbose)
         try:

@@ -1,0 +1,140 @@
+"""`shardqa demo`: index the shipped sample corpus, serve it on an embedded
+Ray, show how to ask, answer a few sample questions, serve until Ctrl-C."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from shardqa.config import DEFAULT_SAMPLE_CORPUS
+from shardqa.errors import ShardQAError
+
+#: Sample questions per article of the sample corpus: the first of each.
+SAMPLES_PER_ARTICLE = 1
+
+
+class DemoError(ShardQAError):
+    code = "demo_error"
+
+
+def check_port_free(host: str, port: int) -> None:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            raise DemoError(f"{host}:{port} is already in use; pass --port to pick another") from None
+
+
+def sample_questions(corpus: Path) -> list[str]:
+    data = json.loads(corpus.read_text(encoding="utf-8"))
+    out = []
+    for article in data["data"]:
+        qas = [qa["question"] for p in article["paragraphs"] for qa in p["qas"]]
+        out.extend(qas[:SAMPLES_PER_ARTICLE])
+    return out
+
+
+def demo_index(corpus: Path, store_dir: Path, shards: int, model: str, tokenizer) -> tuple[str, bool]:
+    """The demo's index version, built unless an index of this corpus, shard
+    count and tokenizer is already there; (version, reused)."""
+    from shardqa.preprocessing.build import build_index
+    from shardqa.preprocessing.store import open_store
+
+    stamp_file = store_dir / "demo-stamp.json"
+    stamp = {
+        "corpus_sha256": hashlib.sha256(corpus.read_bytes()).hexdigest(),
+        "shards": shards,
+        "tokenizer": tokenizer.fingerprint,
+    }
+    if stamp_file.exists():
+        try:
+            saved = json.loads(stamp_file.read_text())
+            version = open_store(str(store_dir)).current_version()
+            if saved.get("stamp") == stamp and saved.get("version") == version:
+                return version, True
+        except (ValueError, ShardQAError):
+            pass  # unreadable stamp or no index: build afresh
+    store_dir.mkdir(parents=True, exist_ok=True)
+    manifest = build_index(corpus, str(store_dir), shards, model, tokenizer=tokenizer)
+    stamp_file.write_text(json.dumps({"stamp": stamp, "version": manifest.version}))
+    return manifest.version, False
+
+
+def run_demo(
+    *,
+    host: str,
+    port: int,
+    overrides: dict[str, Any],
+    shards: int,
+    workdir: Path | None,
+    serve_forever: bool,
+    verbose: bool,
+    echo: Callable[[str], None],
+) -> None:
+    import httpx
+
+    from shardqa.services.client import ask
+    from shardqa.services.reader import check_qa_model, resolve_model_dir
+    from shardqa.services.runtime import deploy, wait_ready
+    from shardqa.services.serve_cli import wait_for_interrupt
+    from shardqa.services.service_config import make_service_config, settings_with
+    from shardqa.tokenization import TextTokenizer
+
+    t0 = time.perf_counter()
+    check_port_free(host, port)
+    # The demo always runs its own Ray, even where RAY_ADDRESS names a cluster.
+    os.environ.pop("RAY_ADDRESS", None)
+    if not verbose:
+        logging.getLogger("ray").setLevel(logging.WARNING)
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+
+    base = settings_with(overrides)
+    corpus = DEFAULT_SAMPLE_CORPUS
+    store_dir = Path(workdir or base.cache_dir / "demo").expanduser() / "index"
+    # A missing or wrong model fails here, in one line, before Ray starts.
+    model_dir = resolve_model_dir(base.model, base.cache_dir)
+    check_qa_model(model_dir)
+    tokenizer = TextTokenizer.from_pretrained(model_dir)
+
+    echo(f"shardqa demo: {corpus.name} (SQuAD v1.1 dev sample, CC BY-SA 4.0), model {model_dir.name}, backend {base.backend}")
+    t_index = time.perf_counter()
+    version, reused = demo_index(corpus, store_dir, shards, str(model_dir), tokenizer)
+    echo(f"  index {version}: {'reused' if reused else 'built'} in {time.perf_counter() - t_index:.1f} s ({store_dir})")
+
+    settings = settings_with({"store": str(store_dir), "host": host, "port": port}, base=base)
+    config = make_service_config(settings, shards)
+    echo(f"  starting embedded Ray Serve: {shards} shard deployments + ingress ...")
+    running = deploy(config, host, port, address=None, quiet=not verbose)
+    try:
+        wait_ready(running.url, timeout_s=600)
+        url = running.url
+        echo(f"ready in {time.perf_counter() - t0:.1f} s at {url}  (API docs: {url}/docs)")
+        echo("")
+        echo("ask it:")
+        echo(
+            f"  curl -s {url}/v1/answer -H 'content-type: application/json' "
+            "-d '{\"question\": \"Who gave their name to Normandy?\", \"top_k\": 1}'"
+        )
+        echo(f"  shardqa query \"Who gave their name to Normandy?\" --url {url}")
+        echo("")
+        with httpx.Client() as client:
+            for q in sample_questions(corpus):
+                t = time.perf_counter()
+                body = ask(url, q, client=client)
+                ms = 1000 * (time.perf_counter() - t)
+                best = body["answers"][0] if body["answers"] else None
+                answer = f"{best['text']!r} (score {best['score']:.2f}, {best['doc_id']}, shard {best['shard']})" if best else "no answer"
+                echo(f"  Q: {q}\n  A: {answer}  [{ms:.0f} ms]")
+        if serve_forever:
+            echo("")
+            echo("serving; Ctrl-C stops.")
+            wait_for_interrupt()
+    finally:
+        echo("stopping ...")
+        running.shutdown()
