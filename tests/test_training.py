@@ -73,3 +73,16 @@ def test_resume_gives_identical_weights(tmp_path):
     assert any(not torch.equal(a[k], base[k]) for k in base if k in a)
     log = [json.loads(line) for line in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["dev_probe"]["n"] == 8
+
+
+def test_a_later_stage_continues_the_data_order_exactly():
+    from shardqa.training.finetune import build_schedule
+
+    lengths = [(i * 37) % 300 + 10 for i in range(1000)]
+    whole = build_schedule(lengths, 8, 42, 0.0, 1.5)
+    first = build_schedule(lengths, 8, 42, 0.0, 0.3)
+    second = build_schedule(lengths, 8, 42, 0.3, 1.2)
+    assert first + second == whole
+    # one epoch covers every feature once
+    seen = sorted(i for b in build_schedule(lengths, 8, 42, 0.0, 1.0) for i in b)
+    assert seen == list(range(1000))

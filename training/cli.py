@@ -81,6 +81,9 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(32, "--batch-size", min=1),
         seed: int = typer.Option(42, "--seed"),
         bf16: bool = typer.Option(True, "--bf16/--no-bf16", help="bf16 autocast (fast on CPUs with avx512_bf16)"),
+        start_epoch: float = typer.Option(0.0, "--start-epoch", min=0.0, help="continue the seeded data order from here (a later stage)"),
+        init_from: Optional[Path] = typer.Option(None, "--init-from", help="start from an earlier stage's model folder"),
+        warmup_ratio: float = typer.Option(0.06, "--warmup-ratio", min=0.0, max=0.5),
     ) -> None:
         """Fine-tune the default QA model on SQuAD v1.1 (resumes from OUTPUT_DIR's checkpoint)."""
         from shardqa.training.finetune import TrainConfig, train as run_training
@@ -105,6 +108,9 @@ def register(app: typer.Typer) -> None:
             learning_rate=learning_rate,
             batch_size=batch_size,
             bf16=bf16,
+            start_epoch=start_epoch,
+            init_from=str(init_from) if init_from else None,
+            warmup_ratio=warmup_ratio,
         )
         final = run_training(cfg)
         typer.echo(f"model written to {final}")

@@ -22,7 +22,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -46,12 +46,13 @@ class TrainConfig:
     warmup_ratio: float = 0.06
     epochs: float = 1.0
     train_limit: int | None = None  # questions of train to use (None: all)
+    start_epoch: float = 0.0  # where in the seeded batch order this run starts (a continuation skips what an earlier stage saw)
+    init_from: str | None = None  # weights to start from (an earlier stage's model); None = base_model
     bf16: bool = True
     threads: int | None = None
     checkpoint_every: int = 100  # optimiser steps
     eval_every: int = 200  # optimiser steps; learning-curve points
     eval_questions: int = 500  # dev questions per learning-curve point
-    extra: dict = field(default_factory=dict)
 
 
 # --- features -------------------------------------------------------------------
@@ -117,6 +118,20 @@ def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Rand
         batches.extend(group[j : j + batch_size] for j in range(0, len(group), batch_size))
     rng.shuffle(batches)
     return batches
+
+
+def build_schedule(lengths: list[int], batch_size: int, seed: int, start_epoch: float, epochs: float) -> list[list[int]]:
+    """Batches for the span [start_epoch, start_epoch + epochs) of an endless
+    sequence of epochs, each with its own seeded order, so a later stage
+    continues exactly where an earlier one stopped."""
+    schedule: list[list[int]] = []
+    begin, end = start_epoch, start_epoch + epochs
+    for ep in range(math.floor(begin), math.ceil(end)):
+        b = length_grouped_batches(lengths, batch_size, random.Random(seed * 1000 + ep))
+        lo = int(len(b) * max(0.0, begin - ep))
+        hi = int(len(b) * min(1.0, end - ep))
+        schedule.extend(b[lo:hi])
+    return schedule
 
 
 def collate(feats, idx, pad_id: int):
@@ -233,16 +248,10 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after_steps: int | None 
     print(f"{len(examples)} questions -> {len(feats)} features in {time.time() - t0:.0f}s", flush=True)
 
     lengths = [len(f[0]) for f in feats]
-    epochs_full = math.ceil(cfg.epochs)
-    schedule: list[list[int]] = []
-    for ep in range(epochs_full):
-        b = length_grouped_batches(lengths, cfg.batch_size, random.Random(cfg.seed * 1000 + ep))
-        if ep + 1 > cfg.epochs:  # fractional last epoch
-            b = b[: int(len(b) * (cfg.epochs - ep))]
-        schedule.extend(b)
+    schedule = build_schedule(lengths, cfg.batch_size, cfg.seed, cfg.start_epoch, cfg.epochs)
     total = len(schedule)
 
-    model = AutoModelForQuestionAnswering.from_pretrained(cfg.base_model)
+    model = AutoModelForQuestionAnswering.from_pretrained(cfg.init_from or cfg.base_model)
     model.train()
     no_decay = ("bias", "LayerNorm.weight")
     groups = [
@@ -258,7 +267,8 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after_steps: int | None 
     elapsed = 0.0
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
-        if state["config"] != asdict(cfg):
+        defaults = asdict(TrainConfig(cfg.base_model, cfg.train_file, cfg.dev_file, cfg.output_dir))
+        if {k: state["config"].get(k, defaults[k]) for k in defaults} != asdict(cfg):
             raise SystemExit(f"{ckpt} was written with another configuration; use a new output directory")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -339,11 +349,13 @@ def main(argv=None):
     p.add_argument("--dev-file", required=True)
     p.add_argument("--output-dir", required=True)
     for name, f in TrainConfig.__dataclass_fields__.items():
-        if name in ("base_model", "train_file", "dev_file", "output_dir", "extra"):
+        if name in ("base_model", "train_file", "dev_file", "output_dir"):
             continue
         flag = "--" + name.replace("_", "-")
         if f.type in ("bool",):
             p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default)
+        elif "str" in str(f.type):
+            p.add_argument(flag, type=str, default=f.default)
         elif "int" in str(f.type):
             p.add_argument(flag, type=int, default=f.default)
         else:
