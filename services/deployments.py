@@ -21,6 +21,9 @@ from shardqa.types import Answer
 
 log = logging.getLogger("ray.serve")
 
+#: How long the model thread may take to pick up a health-check no-op.
+HEALTH_CHECK_MODEL_THREAD_S = 5.0
+
 
 @serve.deployment(name="shard", health_check_period_s=5, health_check_timeout_s=10)
 class ShardDeployment:
@@ -37,18 +40,24 @@ class ShardDeployment:
         # stays free to queue the next batch while a forward pass runs, and
         # the thread count of the model is set by `threads`, not by callers.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"shard{shard}")
+        # Index versions load on their own thread, so answering goes on while
+        # a new version is read.
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"shard{shard}-load")
         reader = Reader.load(settings=settings, threads=config.resources(shard).threads(settings))
         self.worker = ShardWorker(shard, reader, open_store(settings.store))
         self.answer_batch.set_max_batch_size(settings.max_batch_size)
         self.answer_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
         try:
-            await self._run(self.worker.load_current)
+            await self._load(self.worker.load_current)
         except IndexNotFound as exc:
             log.warning("shard %d: no index yet (%s); loading it when it appears", shard, exc)
         self._refresher = asyncio.create_task(self._refresh_loop())
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def _load(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._loader, fn, *args)
 
     async def _refresh_loop(self) -> None:
         # Every replica preloads a new index version on its own, so the
@@ -57,7 +66,7 @@ class ShardDeployment:
         while True:
             await asyncio.sleep(self.settings.index_refresh_s)
             try:
-                await self._run(self.worker.load_current)
+                await self._load(self.worker.load_current)
             except Exception as exc:
                 log.warning("shard %d: index refresh failed: %s", self.shard, exc)
 
@@ -72,18 +81,19 @@ class ShardDeployment:
         return results
 
     async def prepare(self, version: str) -> ShardStatus:
-        await self._run(self.worker.passages, version)
+        await self._load(self.worker.passages, version)
         return self.worker.status()
 
     async def status(self) -> ShardStatus:
         return self.worker.status()
 
-    def check_health(self) -> None:
-        # Serve replaces a replica whose check raises. A replica without any
-        # index is still healthy (the index may not be built yet); /readyz
-        # of the ingress reports that case.
-        if self._executor._shutdown:  # noqa: SLF001 - the only signal a dead pool gives
-            raise RuntimeError("the model thread pool is shut down")
+    async def check_health(self) -> None:
+        # Serve replaces a replica whose check fails. A wedged model thread
+        # would leave requests hanging, so the check goes through it (behind
+        # at most one batch, far shorter than the timeout). A replica
+        # without any index is still healthy: the index may not be built
+        # yet, and the ingress's /readyz reports that case.
+        await asyncio.wait_for(self._run(lambda: None), HEALTH_CHECK_MODEL_THREAD_S)
 
 
 @serve.deployment(name="ingress")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from itertools import chain
 
 from shardqa.config import Settings
-from shardqa.errors import IndexNotFound, InvalidRequest, ServiceUnavailable, ShardQAError
+from shardqa.errors import InvalidRequest, ServiceUnavailable, ShardQAError, TokenizerMismatch
 from shardqa.monitoring import metrics
 from shardqa.services.answer_cache import AnswerCache, cache_key, normalise_question
 from shardqa.services.questions import QuestionChecker
@@ -82,6 +82,9 @@ class QAService:
         self.view_problem = "no index loaded yet"
         self._refresher: asyncio.Task | None = None
         self._refresh_lock = asyncio.Lock()
+        #: A version found unservable (other shard count or tokenizer) and why;
+        #: not retried until the store's current version changes.
+        self._refused: tuple[str, str] | None = None
 
     @classmethod
     def create(cls, settings: Settings, shards: ShardClient) -> "QAService":
@@ -106,45 +109,45 @@ class QAService:
             self._refresher.cancel()
         await self.cache.close()
 
-    async def wait_loaded(self, timeout_s: float) -> IndexView:
-        deadline = time.monotonic() + timeout_s
-        while self.view is None:
-            if time.monotonic() > deadline:
-                raise ServiceUnavailable(f"no index loaded after {timeout_s:.0f}s: {self.view_problem}")
-            await asyncio.sleep(0.05)
-        return self.view
-
     async def _refresh_loop(self) -> None:
+        last_problem = ""
         while True:
             try:
                 await self.refresh()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # keep serving the current view; try again next tick
+                problem = str(exc)
                 if self.view is None:
-                    self.view_problem = str(exc)
-                log.warning("index refresh failed: %s", exc)
+                    self.view_problem = problem
+                if problem != last_problem:  # once per distinct problem, not every tick
+                    log.warning("index refresh failed: %s", problem)
+                last_problem = problem
+            else:
+                last_problem = ""
             await asyncio.sleep(self.settings.index_refresh_s)
 
     async def refresh(self) -> bool:
         """Switch to the store's current version if it changed; True if switched."""
         async with self._refresh_lock:
-            try:
-                version = await asyncio.to_thread(self.store.current_version)
-            except IndexNotFound as exc:
-                self.view_problem = str(exc)
-                raise
+            version = await asyncio.to_thread(self.store.current_version)
             if self.view is not None and self.view.version == version:
                 return False
-            view = await asyncio.to_thread(self._build_view, version)
+            if self._refused is not None and self._refused[0] == version:
+                raise ServiceUnavailable(self._refused[1])
+            try:
+                view = await asyncio.to_thread(self._build_view, version)
+            except TokenizerMismatch as exc:
+                self._refused = (version, str(exc))
+                raise
             shards = view.manifest.shards
             if shards != self.shards.num_shards:
-                self.view_problem = (
+                problem = (
                     f"index version {version} has {shards} shards but the service was deployed with "
                     f"{self.shards.num_shards}; redeploy to serve it"
                 )
-                log.error("%s", self.view_problem)
-                return False
+                self._refused = (version, problem)
+                raise ServiceUnavailable(problem)
             # Every shard holds the new version before any request uses it.
             statuses = await asyncio.gather(*(self.shards.prepare(s, version) for s in range(shards)))
             self.model_id = statuses[0].model_id

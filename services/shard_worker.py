@@ -49,7 +49,8 @@ class ShardWorker:
         self.reader = reader
         self.store = store
         self._versions: OrderedDict[str, dict[str, Passage]] = OrderedDict()
-        self._lock = threading.Lock()
+        self._load_lock = threading.Lock()  # one load at a time
+        self._state_lock = threading.Lock()  # guards _versions' changes and copies
 
     # --- index versions ---------------------------------------------------------
 
@@ -58,7 +59,7 @@ class ShardWorker:
         found = self._versions.get(version)
         if found is not None:
             return found
-        with self._lock:  # one load per version even when requests race
+        with self._load_lock:  # one load per version even when requests race
             found = self._versions.get(version)
             if found is None:
                 found = self._load(version)
@@ -73,9 +74,12 @@ class ShardWorker:
         except Exception as exc:
             raise StoreError(f"shard {self.shard}: cannot load index version {version}: {exc}") from exc
         by_id = {p.passage_id: p for p in passages}
-        self._versions[version] = by_id
-        while len(self._versions) > KEEP_VERSIONS:
-            old, _ = self._versions.popitem(last=False)
+        with self._state_lock:
+            self._versions[version] = by_id
+            dropped = []
+            while len(self._versions) > KEEP_VERSIONS:
+                dropped.append(self._versions.popitem(last=False)[0])
+        for old in dropped:
             log.info("shard %d: dropped index version %s", self.shard, old)
         log.info("shard %d: loaded %d passages of index version %s in %.2fs", self.shard, len(by_id), version, time.perf_counter() - t0)
         return by_id
@@ -87,8 +91,10 @@ class ShardWorker:
         return version
 
     def status(self) -> ShardStatus:
-        versions = tuple(self._versions)
-        return ShardStatus(self.shard, versions, len(self._versions[versions[-1]]) if versions else 0, self.reader.model_id)
+        with self._state_lock:
+            versions = tuple(self._versions)
+            newest = len(self._versions[versions[-1]]) if versions else 0
+        return ShardStatus(self.shard, versions, newest, self.reader.model_id)
 
     # --- answering ---------------------------------------------------------------
 

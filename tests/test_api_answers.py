@@ -121,3 +121,19 @@ def test_a_new_index_version_is_picked_up_and_never_serves_old_answers(served):
     assert fresh["index_version"] == new_version
     assert fresh["cached"] is False  # the old version's cache entry is not used
     check_answers(store, fresh, 1)
+
+
+def test_an_index_with_another_shard_count_is_not_switched_to(served):
+    """Shards are deployments: serving a 3-shard index needs a redeploy, so the
+    2-shard service keeps answering from its current version."""
+    from shardqa.preprocessing.build import build_index
+
+    client, store, store_dir = served
+    serving = client.get("/v1/index").json()["version"]
+    refused = build_index(SAMPLE, str(store_dir), 3, str(TINY)).version
+    assert store.current_version() == refused
+    time.sleep(1.0)  # several refresh periods
+    assert client.get("/v1/index").json()["version"] == serving
+    body = client.post("/v1/answer", json={"question": QUESTIONS[1]}).json()
+    assert body["index_version"] == serving
+    check_answers(store, body, 1)
