@@ -263,11 +263,15 @@ async def fetch_json(client, url: str) -> dict[str, Any] | None:
     return None
 
 
-async def wait_ready(client, base_url: str, timeout_s: float) -> None:
-    """Wait for GET /readyz to say 200 (or /healthz when the service has no /readyz)."""
+async def wait_ready(client, base_url: str, timeout_s: float, alive=None) -> None:
+    """Wait for GET /readyz to say 200 (or /healthz when the service has no
+    /readyz). ``alive()``, when given, says whether the service process still
+    runs: a service that died stops the wait at once."""
     deadline = time.monotonic() + timeout_s
     last = "no answer"
     while True:
+        if alive is not None and not alive():
+            raise BenchError(f"the service process exited before {base_url} was ready")
         for path in (READY_PATH, HEALTH_PATH):
             try:
                 r = await client.get(base_url + path)
@@ -301,7 +305,7 @@ def _log(msg: str) -> None:
 
 
 async def run_levels(base_url: str, examples: Sequence[SquadExample], plan: LoadPlan, *, ready_timeout_s: float = 60.0,
-                     log=_log) -> tuple[list[dict[str, Any]], dict[str, Any], QuestionPlan, list[tuple[list[SquadExample], list[Sample]]]]:
+                     log=_log, alive=None) -> tuple[list[dict[str, Any]], dict[str, Any], QuestionPlan, list[tuple[list[SquadExample], list[Sample]]]]:
     """Run every level cold then warm; return (levels, service info, question
     plan, and per level its (questions, samples))."""
     base_url = base_url.rstrip("/")
@@ -314,7 +318,7 @@ async def run_levels(base_url: str, examples: Sequence[SquadExample], plan: Load
     levels: list[dict[str, Any]] = []
     raw: list[tuple[list[SquadExample], list[Sample]]] = []
     async with make_client(min(connections, 1024), plan.timeout_s) as client:
-        await wait_ready(client, base_url, ready_timeout_s)
+        await wait_ready(client, base_url, ready_timeout_s, alive)
         info["index"] = await fetch_json(client, base_url + INDEX_PATH)
         for q in qplan.warmup:  # connections, lazy initialisation; never measured
             await ask(client, base_url, q, plan.top_k)
@@ -479,6 +483,16 @@ def display_path(text: str) -> str:
             continue
         return prefix + str(rel) if str(rel) != "." else (prefix.rstrip("/") or ".")
     return text
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # --- machine ------------------------------------------------------------------

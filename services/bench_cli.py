@@ -98,7 +98,15 @@ def command_line() -> str:
     """This command as typed, with paths shown relative to the repository or home."""
     from shardqa.services.bench import display_path
 
-    args = [Path(sys.argv[0]).name if sys.argv else "shardqa", *(display_path(a) for a in sys.argv[1:])]
+    argv, skip = [], False
+    for a in sys.argv[1:]:  # the setup commands are listed on their own
+        if skip:
+            skip = False
+        elif a == "--setup-command":
+            skip = True
+        elif not a.startswith("--setup-command="):
+            argv.append(a)
+    args = [Path(sys.argv[0]).name if sys.argv else "shardqa", *(display_path(a) for a in argv)]
     if args[0] in ("__main__.py", "cli.py"):
         args[0] = "shardqa"
     return " ".join(shlex.quote(a) for a in args)
@@ -121,6 +129,7 @@ def run_bench(
     baseline_limit: int | None = None,
     model: str | None = None,
     corpus_file: Path | None = None,
+    service_pid: int | None = None,
     log=None,
 ) -> tuple[dict[str, Any], list, set[str]]:
     """The whole end-to-end benchmark. Returns the result object, the questions
@@ -140,7 +149,8 @@ def run_bench(
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     t0 = time.perf_counter()
     log(f"bench: {url}, {len(concurrency) + len(rates)} load levels x {limit} questions, cold{' + warm' if warm else ''}")
-    levels, info, qplan, raw = asyncio.run(B.run_levels(url, examples, plan, ready_timeout_s=ready_timeout_s, log=log))
+    alive = (lambda: B.process_alive(service_pid)) if service_pid else None
+    levels, info, qplan, raw = asyncio.run(B.run_levels(url, examples, plan, ready_timeout_s=ready_timeout_s, log=log, alive=alive))
     for lv in levels:
         if lv["cache"] == "cold" and (lv["cache_hit_ratio"] or 0) > 0:
             log(f"warning: {B.describe_level(lv).split()[0]} cold level had a cache hit ratio of {lv['cache_hit_ratio']}: "
@@ -297,6 +307,8 @@ def register(app: typer.Typer) -> None:
         route: bool = typer.Option(True, "--route/--no-route", help="run `shardqa eval-route --json`"),
         profile_pid: Optional[int] = typer.Option(None, "--profile-pid", help="the service's process id: py-spy profiles it when a target is missed"),
         profile_seconds: float = typer.Option(20.0, "--profile-seconds", min=1, help="how long to profile"),
+        ready_timeout: float = typer.Option(300.0, "--ready-timeout", min=0, help="wait this long for the service's /readyz"),
+        setup_command: Optional[list[str]] = typer.Option(None, "--setup-command", help="a command that prepared this run (index, serve), listed in BENCHMARKS.md; repeatable"),
         out: Optional[Path] = typer.Option(None, "--out", help="results directory [default: <repo>/benchmarks/results]"),
         markdown: Optional[Path] = typer.Option(None, "--markdown", help="the report to write [default: <repo>/BENCHMARKS.md]"),
         as_json: bool = typer.Option(False, "--json", help="print the end-to-end result as one JSON object"),
@@ -324,14 +336,14 @@ def register(app: typer.Typer) -> None:
         if gold_backend not in R.BACKENDS:
             raise B.BenchError(f"--backend: unknown {gold_backend}; choose from {', '.join(R.BACKENDS)}")
         qfile = questions or default_questions_file()
-        run_info: dict[str, Any] = {"commands": [command_line()]}
+        run_info: dict[str, Any] = {"commands": [*(setup_command or []), command_line()]}
         for stale in ("profile.json", "route.json"):  # never report a figure this run did not produce
             (out / stale).unlink(missing_ok=True)
 
         # 1. End to end over HTTP, with the naive baseline.
         result, cold_questions, asked = run_bench(
             url, qfile, limit=limit, concurrency=_ints(concurrency, "--concurrency"), rates=_floats(rates, "--rates"),
-            seed=seed, baseline_limit=baseline_limit, model=model)
+            seed=seed, baseline_limit=baseline_limit, model=model, ready_timeout_s=ready_timeout, service_pid=profile_pid)
         model_dir = resolve_baseline_model(model, (result.get("service") or {}).get("index"))
 
         # 2. Reader only, per backend; gold-paragraph F1 on the same uncached questions.

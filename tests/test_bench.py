@@ -375,3 +375,14 @@ def test_bench_command_rejects_bad_levels(questions_path):
                            "--concurrency", "1,x"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: --concurrency") and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_dead_service_process_stops_the_wait_at_once(examples):
+    plan = B.LoadPlan(concurrency=(1,), rates=(), per_level=2, warmup=0)
+    t0 = time.monotonic()
+    with pytest.raises(B.BenchError, match="exited before"):
+        asyncio.run(B.run_levels(f"http://127.0.0.1:{free_port()}", examples, plan, ready_timeout_s=120,
+                                 log=lambda m: None, alive=lambda: False))
+    assert time.monotonic() - t0 < 60  # not the 120 s ready timeout
+    assert B.process_alive(os.getpid()) and not B.process_alive(2**22 + 12345)
