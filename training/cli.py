@@ -139,7 +139,7 @@ def register(app: typer.Typer) -> None:
         for b in BACKENDS:
             scores[b] = evaluate_reader(Reader.load(dest, b), examples)
             typer.echo(f"{b}: EM {scores[b]['exact_match']:.2f} F1 {scores[b]['f1']:.2f}")
-        train_cfg = json.loads((src / "training_config.json").read_text()) if (src / "training_config.json").exists() else {}
+        train_cfg = json.loads((dest / "training_config.json").read_text()) if (dest / "training_config.json").exists() else {}
         (dest / "eval.json").write_text(json.dumps(scores, indent=2) + "\n")
         card = write_card(dest, meta, train_cfg, scores, learning_curve(run_dir), recipe)
         typer.echo(f"wrote {dest} and {card}")

