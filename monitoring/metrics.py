@@ -178,7 +178,10 @@ class _RayMetrics:
             elif spec.kind == "gauge":
                 metric = serve_metrics.Gauge(spec.name, spec.help, tag_keys=spec.labels)
             else:
-                metric = serve_metrics.Histogram(spec.name, spec.help, boundaries=list(spec.buckets), tag_keys=spec.labels)
+                # Floats: OpenTelemetry, under Ray's exporter, expects float
+                # bucket boundaries.
+                boundaries = [float(b) for b in spec.buckets]
+                metric = serve_metrics.Histogram(spec.name, spec.help, boundaries=boundaries, tag_keys=spec.labels)
             self.metrics[spec.name] = metric
         self._index_labels: dict[str, str] | None = None
 
