@@ -51,7 +51,8 @@ setup+=(--setup-command "shardqa $(quote "${serve_args[@]}")")
 # SIGINT, which is how `shardqa serve` shuts its embedded Ray down cleanly.
 set -m
 echo "== shardqa ${serve_args[*]}  (log: benchmarks/work/serve.log)" >&2
-shardqa "${serve_args[@]}" >benchmarks/work/serve.log 2>&1 &
+# Not through the shardqa function: $! must be the service's own process.
+"$PY" -m shardqa.cli "${serve_args[@]}" >benchmarks/work/serve.log 2>&1 &
 SERVE_PID=$!
 set +m
 
@@ -62,8 +63,8 @@ stop_service() {
       kill -0 "$SERVE_PID" 2>/dev/null || return 0
       sleep 1
     done
-    echo "the service did not stop after SIGINT; sending SIGTERM" >&2
-    kill -TERM "$SERVE_PID" 2>/dev/null || true
+    echo "the service did not stop after SIGINT; sending SIGTERM to its process group" >&2
+    kill -TERM -- "-$SERVE_PID" 2>/dev/null || true
   fi
 }
 trap stop_service EXIT

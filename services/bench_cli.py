@@ -94,10 +94,19 @@ def _last_message(text: str) -> str:
     return ""
 
 
-def command_line() -> str:
-    """This command as typed, with paths shown relative to the repository or home."""
+def _shown_arg(arg: str) -> str:
+    """An argument as the report shows it: paths shortened, quoted when needed
+    (a leading ``~/`` stays unquoted so the line still works in a shell)."""
     from shardqa.services.bench import display_path
 
+    shown = display_path(arg)
+    if shown.startswith("~/") and shlex.quote(shown[2:]) == shown[2:]:
+        return shown
+    return shlex.quote(shown)
+
+
+def command_line() -> str:
+    """This command as typed, with paths shown relative to the repository or home."""
     argv, skip = [], False
     for a in sys.argv[1:]:  # the setup commands are listed on their own
         if skip:
@@ -106,10 +115,10 @@ def command_line() -> str:
             skip = True
         elif not a.startswith("--setup-command="):
             argv.append(a)
-    args = [Path(sys.argv[0]).name if sys.argv else "shardqa", *(display_path(a) for a in argv)]
-    if args[0] in ("__main__.py", "cli.py"):
-        args[0] = "shardqa"
-    return " ".join(shlex.quote(a) for a in args)
+    name = Path(sys.argv[0]).name if sys.argv else "shardqa"
+    if name in ("__main__.py", "cli.py"):
+        name = "shardqa"
+    return " ".join([name, *(_shown_arg(a) for a in argv)])
 
 
 def run_bench(
@@ -363,7 +372,7 @@ def register(app: typer.Typer) -> None:
         # 3. Routing figures.
         if route:
             cmd = [sys.executable, "-m", "shardqa.cli", "eval-route", str(qfile), "--store", store or st.store, "--json"]
-            shown = "shardqa eval-route " + " ".join(shlex.quote(B.display_path(a)) for a in cmd[4:])
+            shown = "shardqa eval-route " + " ".join(_shown_arg(a) for a in cmd[4:])
             run_info["commands"].append(shown)
             B._log(f"routing: {shown}")
             proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -383,7 +392,7 @@ def register(app: typer.Typer) -> None:
 
             random.Random(seed + 1).shuffle(fresh)
             raw_path = out / "profile.txt"
-            profile: dict[str, Any] = {"pid_profiled": True, "rate": 100, "seconds": profile_seconds, "raw": raw_path.name}
+            profile: dict[str, Any] = {"pid_profiled": True, "rate": 50, "seconds": profile_seconds, "raw": raw_path.name}
             try:
                 B._log(f"profile: py-spy on the service's process tree for {profile_seconds:.0f} s under uncached load")
                 rec = P.start_recording(profile_pid, profile_seconds, raw_path, rate=profile["rate"])

@@ -21,8 +21,9 @@ from typing import Any
 
 _RECORD = re.compile(r"(.*?) (\d+)\n", re.S)
 _LINE = re.compile(r":\d+\)$")
-#: Path fragments that mark the project's own code in a frame.
-OWN_CODE = ("/services/", "/router/", "/preprocessing/", "/monitoring/", "/shardqa/", "/training/")
+#: Folders that hold the project's own code (py-spy shows paths relative to
+#: the working directory when it can, absolute otherwise).
+OWN_DIRS = frozenset({"services", "router", "preprocessing", "monitoring", "shardqa", "training"})
 
 
 def py_spy() -> str | None:
@@ -98,7 +99,10 @@ def _strip(frame: str) -> str:
 
 def _own(frame: str) -> bool:
     m = re.match(r".* \((.*)\)$", frame)
-    return bool(m) and any(part in m.group(1) for part in OWN_CODE) and "site-packages" not in m.group(1)
+    if not m:
+        return False
+    parts = Path(m.group(1)).parts[:-1]
+    return bool(OWN_DIRS.intersection(parts)) and "site-packages" not in parts and "dist-packages" not in parts
 
 
 def summarize(records: list[tuple[list[str], int]], top: int = 15) -> dict[str, Any]:
@@ -129,8 +133,10 @@ def profile_table(summary: dict[str, Any]) -> str:
             out.append(f"| {100 * r['share']:.1f}% | {r['samples']} | `{frame}` |")
         return out + [""]
 
-    lines = [f"{summary['samples']} busy samples (idle threads excluded).", ""]
-    lines += table("By process", "processes")
-    lines += table("Self time (the function on CPU)", "self")
+    lines = [f"{summary['samples']} busy samples (threads py-spy judged idle excluded). Ray's own loops "
+             "(`Worker.main_loop`, `Thread.run`, selector waits) block inside native code, which py-spy cannot always "
+             "tell from work, so their share is an upper bound on their cost.", ""]
     lines += table("shardqa's own functions, inclusive time", "own_inclusive")
+    lines += table("By process", "processes")
+    lines += table("Self time (the innermost Python function)", "self")
     return "\n".join(lines)
