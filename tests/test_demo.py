@@ -94,8 +94,10 @@ def test_demo_serves_answers_and_stops_on_ctrl_c(tmp_path):
         assert q.returncode == 0, q.stderr
         body = json.loads(q.stdout)
         assert set(body) == {"answers", "cached", "index_version"} and 1 <= len(body["answers"]) <= 2
-        text = shardqa("query", "Who gave their name to Normandy?", "--url", f"http://127.0.0.1:{port}")
-        assert text.returncode == 0 and "cached" in text.stdout  # the second ask is a cache hit
+        text = shardqa("query", "Who gave their name to Normandy?", "--url", f"http://127.0.0.1:{port}", "--top-k", "2")
+        assert text.returncode == 0, text.stderr
+        assert "· cached ·" in text.stdout  # the second ask is a cache hit
+        assert body["answers"][0]["text"] in text.stdout
 
         proc.send_signal(signal.SIGINT)
         rest, err = proc.communicate(timeout=120)
