@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -166,6 +167,12 @@ class _RayMetrics:
     Created only inside a Serve replica: ray.serve.metrics adds the
     deployment/replica tags, which keep per-replica gauges apart (Ray would
     otherwise keep one of several replicas' values on a node).
+
+    Ray's agent forgets a gauge series its worker has not reported for two
+    report intervals (so a dead worker's gauges vanish), and a worker reports
+    only what was set since its last report. A daemon thread therefore
+    re-sets the current gauge values every half interval; otherwise the index
+    info (set once) and idle shards' in-flight counts would disappear.
     """
 
     def __init__(self) -> None:
@@ -184,6 +191,11 @@ class _RayMetrics:
                 metric = serve_metrics.Histogram(spec.name, spec.help, boundaries=boundaries, tag_keys=spec.labels)
             self.metrics[spec.name] = metric
         self._index_labels: dict[str, str] | None = None
+        self._gauges: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[float, dict[str, str]]] = {}
+        self._gauges_lock = threading.Lock()
+        threading.Thread(
+            target=self._keep_gauges_alive, args=(_ray_report_interval_s() / 2,), name="shardqa-gauges", daemon=True
+        ).start()
 
     def record(self, spec: MetricSpec, value: float, labels: dict[str, str]) -> None:
         metric = self.metrics[spec.name]
@@ -191,17 +203,40 @@ class _RayMetrics:
         if spec.kind == "counter":
             metric.inc(value, tags=tags)  # type: ignore[attr-defined]
         elif spec.kind == "gauge":
+            with self._gauges_lock:
+                self._gauges[(spec.name, tuple(sorted(labels.items())))] = (value, labels)
             metric.set(value, tags=tags)  # type: ignore[attr-defined]
         else:
             metric.observe(value, tags=tags)  # type: ignore[attr-defined]
 
     def set_index_info(self, labels: dict[str, str]) -> None:
-        # Ray keeps a gauge series once written; zero the previous index's
-        # series so `shardqa_index_info == 1` selects only the current one.
-        if self._index_labels is not None and self._index_labels != labels:
-            self.record(INDEX_INFO, 0, self._index_labels)
+        previous = self._index_labels
         self.record(INDEX_INFO, 1, labels)
         self._index_labels = labels
+        if previous is not None and previous != labels:
+            # Zero the old series now and stop refreshing it, so it ages out
+            # of Ray's agent and `shardqa_index_info == 1` is the current index.
+            self.metrics[INDEX_INFO.name].set(0, tags=previous)  # type: ignore[attr-defined]
+            with self._gauges_lock:
+                self._gauges.pop((INDEX_INFO.name, tuple(sorted(previous.items()))), None)
+
+    def _keep_gauges_alive(self, period_s: float) -> None:
+        while True:
+            time.sleep(period_s)
+            with self._gauges_lock:
+                current = list(self._gauges.items())
+            for (name, _), (value, labels) in current:
+                self.metrics[name].set(value, tags=labels or None)  # type: ignore[attr-defined]
+
+
+def _ray_report_interval_s() -> float:
+    """How often this worker reports metrics to its node's agent (Ray's floor is 1 s)."""
+    try:
+        import ray
+
+        return max(ray._config.metrics_report_interval_ms(), 1000) / 1000
+    except Exception:  # an older or newer Ray without this config accessor
+        return 10.0
 
 
 def _in_serve_replica() -> bool:
