@@ -111,6 +111,7 @@ def test_golden_cases_cover_the_promised_ground():
     assert {(c["resolved"]["max_seq_len"], c["resolved"]["doc_stride"]) for c in CASES} >= {(384, 128), (128, 32), (64, 16)}
     assert any(a["answer"] == "" for c in CASES if c["resolved"]["handle_impossible_answer"] for a in c["answers"])
     assert any(c["answers"][0]["answer"] == "" for c in CASES), "a case where the null answer wins"
+    assert any(len(c["features"]) > 1 and any(a["answer"] == "" for a in c["answers"]) for c in CASES), "null answer over several windows"
     assert sum(n.startswith("unicode-") for n in names) >= 9
 
 

@@ -276,6 +276,9 @@ def hand_written(rec: Recorder, squad: list[dict]) -> None:
     rec.add("null-second", "What colour is the sky?", "Blue.", handle_impossible_answer=True, top_k=2)
     rec.add("null-third", "Who?", "Nobody knows.", handle_impossible_answer=True, top_k=4)
     rec.add("null-off", "How many?", "Three.", top_k=2)
+    # The null score over several windows is the smallest window's.
+    rec.add("null-two-windows", "What colour is the sky?", "Three. Four.", handle_impossible_answer=True, max_seq_len=12, doc_stride=2, top_k=5)
+    rec.add("null-four-windows", "What colour is the sky?", "Blue. Green. Red.", handle_impossible_answer=True, max_seq_len=12, doc_stride=2, top_k=8)
 
     for name, q, c in UNICODE:
         rec.add(name, q, c)
