@@ -25,26 +25,20 @@ def fail(message: str, code: int = 2) -> "typer.Exit":
 
 
 def _register() -> None:
-    # Order is the order of `shardqa --help`: the request's path, then operations.
-    from shardqa.services import cli as services_cli
-    from shardqa.training import cli as training_cli
+    # The order of `shardqa --help`: the request's path, then evaluation and
+    # training, then benchmarks and operations.
+    from importlib import import_module
 
-    services_cli.register(app)
-    training_cli.register(app)
     for module in (
         "shardqa.preprocessing.cli",
         "shardqa.router.cli",
         "shardqa.services.serve_cli",
-        "shardqa.monitoring.cli",
+        "shardqa.services.cli",
+        "shardqa.training.cli",
         "shardqa.services.bench_cli",
+        "shardqa.monitoring.cli",
     ):
-        try:
-            mod = __import__(module, fromlist=["register"])
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            continue
-        mod.register(app)
+        import_module(module).register(app)
 
 
 _register()
