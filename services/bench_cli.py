@@ -396,8 +396,10 @@ def register(app: typer.Typer) -> None:
             try:
                 B._log(f"profile: py-spy on the service's process tree for {profile_seconds:.0f} s under uncached load")
                 rec = P.start_recording(profile_pid, profile_seconds, raw_path, rate=profile["rate"])
-                time.sleep(1.0)  # py-spy attaches to every process first
-                samples = asyncio.run(B.drive_for(url, fresh, profile_seconds))
+                time.sleep(2.0)  # py-spy attaches to every process first
+                # Keep the load on past the recording window: py-spy's start-up
+                # (reading each process's interpreter state) eats into it.
+                samples = asyncio.run(B.drive_for(url, fresh, profile_seconds + 5.0))
                 rec_out, _ = rec.communicate(timeout=profile_seconds + 120)
                 if rec.returncode != 0 or not raw_path.exists():
                     raise RuntimeError((rec_out or "").strip().splitlines()[-1] if rec_out else f"py-spy exit {rec.returncode}")

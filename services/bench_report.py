@@ -86,7 +86,8 @@ def profile_section(bench: dict[str, Any] | None, profile: dict[str, Any] | None
     lines += [
         f"py-spy sampled the service's process tree (the serve process and its Ray workers) at {profile['rate']} Hz for "
         f"{profile['seconds']:.0f} s while the harness sent {profile['requests']} uncached questions at concurrency 1 "
-        f"(p50 {B._fmt(profile.get('p50_ms'))} ms during profiling). Raw stacks: "
+        f"(p50 {B._fmt(profile.get('p50_ms'))} ms while profiled: the profiler's own cost is in that figure, "
+        "which is why it is not a benchmark result). Raw stacks: "
         f"[`{_rel(results_dir / profile['raw'], md_dir)}`]({_rel(results_dir / profile['raw'], md_dir)}).",
         "",
     ]
