@@ -77,7 +77,8 @@ def redis_server():
 
 
 def test_entries_are_hashed_and_expire(redis_server):
-    cache = AnswerCache(RedisBackend(redis_server.url, 0.5), ttl_s=120, timeout_s=0.5)
+    # Generous deadlines: this test is about keys and TTLs, not about timeouts.
+    cache = AnswerCache(RedisBackend(redis_server.url, 5.0), ttl_s=120, timeout_s=5.0)
     question = "Who gave their name to Normandy?"
     key = cache_key("v7", normalise_question(question, lowercase=True), 1)
 
@@ -99,8 +100,8 @@ def test_entries_are_hashed_and_expire(redis_server):
 
 def test_single_flight_across_two_ingress_replicas(redis_server):
     """Two caches (two ingress processes) on one Redis: one computes, the other waits for its value."""
-    a = AnswerCache(RedisBackend(redis_server.url, 0.5), ttl_s=60, timeout_s=0.5)
-    b = AnswerCache(RedisBackend(redis_server.url, 0.5), ttl_s=60, timeout_s=0.5)
+    a = AnswerCache(RedisBackend(redis_server.url, 5.0), ttl_s=60, timeout_s=5.0)
+    b = AnswerCache(RedisBackend(redis_server.url, 5.0), ttl_s=60, timeout_s=5.0)
     calls = 0
 
     async def compute():
@@ -150,17 +151,18 @@ def test_redis_outage_degrades_to_uncached_and_recovers(redis_server):
         assert elapsed < 2.0
 
         redis_server.start()
-        await asyncio.sleep(0.3)  # past the back-off
-        recovered = await ask(1)
-        assert not recovered[0].shared
-        assert (await ask(1))[0].shared  # cached again
+        # Past the back-off the cache fills and serves again.
+        deadline = time.monotonic() + 10
+        while not (await ask(1))[0].shared:
+            assert time.monotonic() < deadline, "the cache was not used again after Redis came back"
+            await asyncio.sleep(0.3)
         await cache.close()
 
     asyncio.run(scenario())
 
 
 def test_a_frozen_redis_costs_one_timeout_per_backoff(redis_server):
-    cache = AnswerCache(RedisBackend(redis_server.url, 0.1), ttl_s=60, timeout_s=0.1, retry_after_s=5)
+    cache = AnswerCache(RedisBackend(redis_server.url, 0.2), ttl_s=60, timeout_s=0.2, retry_after_s=5)
 
     async def scenario():
         await cache.get_or_compute("warm", lambda: asyncio.sleep(0, b"[]"))  # connect
@@ -176,4 +178,4 @@ def test_a_frozen_redis_costs_one_timeout_per_backoff(redis_server):
 
     results, elapsed = asyncio.run(scenario())
     assert all(r.value == b"[]" for r in results)
-    assert elapsed < 0.6  # one 0.1 s timeout, then the cache is bypassed
+    assert elapsed < 1.5  # one 0.2 s timeout, then the cache is bypassed (not 10 x 0.2 s)
