@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable, Protocol
 
 from shardqa.monitoring import metrics
+from shardqa.redis_url import parse_redis_url
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ class MemoryBackend:
 
 
 class RedisBackend:
-    """redis:// or rediss:// (one server), or redis+cluster://host:port[,host:port]."""
+    """redis:// or rediss:// (one server), or redis+cluster:// / rediss+cluster:// (see shardqa.redis_url)."""
 
     shared = True
 
@@ -114,14 +115,12 @@ class RedisBackend:
             import redis.asyncio as aioredis
 
             opts = dict(socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s, retry_on_timeout=False)
-            if self.url.startswith("redis+cluster://"):
+            target = parse_redis_url(self.url)
+            if target.cluster:
                 from redis.asyncio.cluster import ClusterNode
 
-                nodes = []
-                for hostport in self.url.removeprefix("redis+cluster://").split("/")[0].split(","):
-                    host, _, port = hostport.rpartition(":")
-                    nodes.append(ClusterNode(host or "localhost", int(port or 6379)))
-                self._client = aioredis.RedisCluster(startup_nodes=nodes, **opts)
+                nodes = [ClusterNode(host, port) for host, port in target.nodes]
+                self._client = aioredis.RedisCluster(startup_nodes=nodes, ssl=target.ssl, **target.auth, **opts)
             else:
                 self._client = aioredis.Redis.from_url(self.url, **opts)
         return self._client

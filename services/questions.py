@@ -13,11 +13,11 @@ from shardqa.tokenization import TextTokenizer
 from shardqa.types import TokenizedText
 
 
-def max_question_tokens(settings: Settings, tokenizer: TextTokenizer) -> int:
-    """The reader's limit (see Reader.load): the configured maximum, and never
-    so long that a window keeps no more passage tokens than the stride."""
-    seq = min(settings.max_seq_len, tokenizer.model_max_length)
-    stride = min(settings.doc_stride, seq // 2)
+def max_question_tokens(settings: Settings, tokenizer: TextTokenizer, max_seq_len: int | None = None, doc_stride: int | None = None) -> int:
+    """The longest question the reader takes: the configured maximum, and
+    never so long that a window keeps no more passage tokens than the stride."""
+    seq = min(max_seq_len or settings.max_seq_len, tokenizer.model_max_length)
+    stride = min(settings.doc_stride if doc_stride is None else doc_stride, seq // 2)
     return min(settings.max_question_len, seq - tokenizer.template.num_special - stride - 1)
 
 
@@ -42,6 +42,11 @@ class QuestionChecker:
             raise InvalidQuestion("the question is empty")
         if len(question) > self.max_chars:
             raise QuestionTooLong(f"the question has {len(question)} characters; the limit is {self.max_chars}")
+        try:
+            question.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            # JSON can carry lone surrogates (\ud800) that are not text at all.
+            raise InvalidQuestion(f"the question is not valid Unicode text (lone surrogate at character {exc.start})") from None
 
     def tokenize(self, question: str) -> TokenizedText:
         tokens = self.tokenizer.tokenize(question)

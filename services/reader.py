@@ -21,6 +21,7 @@ import numpy as np
 
 from shardqa.config import Settings, get_settings
 from shardqa.errors import InvalidContext, InvalidQuestion, ModelNotFound, NotAQAModel, QuestionTooLong
+from shardqa.services.questions import QuestionChecker, max_question_tokens
 from shardqa.tokenization import TextTokenizer
 from shardqa.types import Answer, Passage, TokenizedText
 
@@ -61,8 +62,7 @@ class Reader:
         self.max_seq_len = max_seq_len
         self.doc_stride = doc_stride
         self.max_answer_len = max_answer_len
-        self.max_question_len = max_question_len
-        self.max_question_chars = max_question_chars
+        self.questions = QuestionChecker(tokenizer, max_question_chars, max_question_len)
         self.handle_impossible_answer = handle_impossible_answer
         self.max_batch_windows = max_batch_windows
 
@@ -97,7 +97,7 @@ class Reader:
             max_seq_len=seq,
             doc_stride=stride,
             max_answer_len=max_answer_len or s.max_answer_len,
-            max_question_len=min(s.max_question_len, seq - tokenizer.template.num_special - stride - 1),
+            max_question_len=max_question_tokens(s, tokenizer, seq, stride),
             max_question_chars=s.max_question_chars,
             handle_impossible_answer=s.handle_impossible_answer if handle_impossible_answer is None else handle_impossible_answer,
         )
@@ -105,18 +105,9 @@ class Reader:
     # --- inputs --------------------------------------------------------------------
 
     def check_question(self, question: str) -> TokenizedText:
-        if not isinstance(question, str):
-            raise InvalidQuestion("the question must be a string")
-        if not question.strip():
-            raise InvalidQuestion("the question is empty")
-        if len(question) > self.max_question_chars:
-            raise QuestionTooLong(f"the question has {len(question)} characters; the limit is {self.max_question_chars}")
-        tokens = self.tokenizer.tokenize(question)
-        if len(tokens) > self.max_question_len:
-            raise QuestionTooLong(f"the question has {len(tokens)} tokens; this model allows {self.max_question_len}")
-        if len(tokens) == 0:
-            raise InvalidQuestion("the question has no tokens the model knows")
-        return tokens
+        """Validate and tokenise a question (the ingress applies the same checks)."""
+        self.questions.check_text(question)
+        return self.questions.tokenize(question)
 
     def features(self, question: TokenizedText, passage: TokenizedText) -> list[Window]:
         """Windows over the passage, as the tokenizer's overflowing truncation

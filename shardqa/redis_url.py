@@ -1,0 +1,71 @@
+"""Redis URLs, parsed once for the index store and the answer cache.
+
+`redis://` and `rediss://` name one server (redis-py parses those itself);
+`redis+cluster://[user:password@]host:port[,host:port]` and `rediss+cluster://`
+name a Redis Cluster by its seed nodes, a form redis-py has no parser for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from shardqa.errors import StoreError
+
+
+@dataclass(frozen=True)
+class RedisURL:
+    url: str
+    cluster: bool
+    ssl: bool
+    nodes: list[tuple[str, int]] = field(default_factory=list)
+    username: str | None = None
+    password: str | None = None
+    query: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def auth(self) -> dict:
+        out = {}
+        if self.username:
+            out["username"] = self.username
+        if self.password:
+            out["password"] = self.password
+        return out
+
+    @property
+    def redacted(self) -> str:
+        parts = urlsplit(self.url)
+        if parts.password:
+            return parts._replace(netloc=parts.netloc.replace(":" + parts.password + "@", ":***@")).geturl()
+        return self.url
+
+
+def parse_redis_url(url: str) -> RedisURL:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("redis", "rediss", "redis+cluster", "rediss+cluster"):
+        raise StoreError(f"not a Redis URL: {scheme}:// (use redis://, rediss:// or redis+cluster://)")
+    cluster = scheme.endswith("+cluster")
+    nodes = []
+    if cluster:
+        for hostport in parts.netloc.rsplit("@", 1)[-1].split(","):
+            host, _, port = hostport.strip().rpartition(":")
+            if not host:
+                host, port = port, "6379"
+            if not host:
+                continue
+            try:
+                nodes.append((host.strip("[]"), int(port)))
+            except ValueError:
+                raise StoreError(f"bad port {port!r} in Redis cluster URL") from None
+        if not nodes:
+            raise StoreError("a Redis cluster URL needs host:port[,host:port]")
+    return RedisURL(
+        url=url,
+        cluster=cluster,
+        ssl=scheme.startswith("rediss"),
+        nodes=nodes,
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+        query=parse_qs(parts.query),
+    )
