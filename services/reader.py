@@ -171,9 +171,19 @@ class Reader:
 
         per_request: list[list[dict]] = [[] for _ in requests]
         null_scores = [1_000_000.0] * len(requests)
+        # As the reference does per context: each window offers top_k * 2 + 10
+        # candidates, and a candidate whose text (case-folded) was already
+        # offered from the same passage adds its score to that earlier one.
+        merged: dict[tuple[int, int, str], dict] = {}
         for (r, p, w), s, e in zip(items, starts, ends):
-            cands, null = self._decode_window(w, p, s, e, requests[r].top_k)
-            per_request[r].extend(cands)
+            cands, null = self._decode_window(w, p, s, e, requests[r].top_k * 2 + 10)
+            for c in cands:
+                key = (r, id(p), c["text"].lower())
+                if key in merged:
+                    merged[key]["score"] += c["score"]
+                else:
+                    merged[key] = c
+                    per_request[r].append(c)
             null_scores[r] = min(null_scores[r], null)
         results = []
         for r, req in enumerate(requests):
