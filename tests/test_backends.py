@@ -60,3 +60,20 @@ def test_export_is_cached_by_model_hash(tmp_path):
     (model / "vocab.txt").write_text((model / "vocab.txt").read_text())
     (model / "tokenizer_config.json").write_text((model / "tokenizer_config.json").read_text() + "\n")
     assert model_hash(model) == h
+
+
+def test_int8_keeps_exactly_the_feed_forward_output_projections_in_fp32(tmp_path):
+    import json
+
+    import onnx
+
+    from shardqa.services.backends import ffn_output_matmuls
+
+    layers = json.loads((TINY / "config.json").read_text())["num_hidden_layers"]
+    fp32 = onnx.load(str(export_onnx(TINY, tmp_path))).graph
+    keep = ffn_output_matmuls(fp32)
+    assert len(keep) == layers and all("attention" not in n for n in keep)
+    int8 = onnx.load(str(export_onnx(TINY, tmp_path, int8=True))).graph
+    remaining = {n.name for n in int8.node if n.op_type == "MatMul"}
+    assert set(keep) <= remaining  # kept in fp32
+    assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in int8.node)  # the rest quantised
