@@ -48,11 +48,8 @@ class SquadExample:
 
 
 def md5(path: Path) -> str:
-    h = hashlib.md5()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def fetch_squad(dest: Path) -> dict[str, Path]:
