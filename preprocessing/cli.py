@@ -21,6 +21,7 @@ def register(app: typer.Typer) -> None:
         segmenter: str = typer.Option("blingfire", "--segmenter", help="sentence segmenter: blingfire or pysbd"),
         on_error: str = typer.Option("stop", "--on-error", help="a bad record (invalid JSON line, document without text): stop, or skip it and report it"),
         keep: int = typer.Option(3, "--keep", min=1, help="versions to keep in the store (older ones are dropped)"),
+        encoder: Optional[str] = typer.Option(None, "--encoder", help="dense encoder embedding the passages for the router: auto (the installed all-MiniLM-L6-v2), a folder, or none [default: SHARDQA_ROUTE_ENCODER]"),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
     ) -> None:
         """Index a corpus: sentences, passages, sentence graph and ranking, shards, pre-tokenised passages; then make the new version current."""
@@ -36,6 +37,7 @@ def register(app: typer.Typer) -> None:
         result = build_index_report(
             corpus, store, shards, model, window=passage_sentences, stride=passage_stride,
             max_tokens=passage_max_tokens, on_error=on_error, keep=keep, progress=not quiet, segmenter=segmenter,
+            encoder="auto" if encoder is None else encoder,
         )
         err = Console(stderr=True)
         for problem in result.problems:
@@ -60,6 +62,9 @@ def register(app: typer.Typer) -> None:
         )
         if result.long_sentences:
             con.print(f"{result.long_sentences} sentences longer than the cap were cut into overlapping pieces", highlight=False)
+        enc = p.get("encoder")
+        con.print(f"dense vectors: {enc['id']} ({enc['dim']}-d {enc['dtype']}, encoder {enc['fingerprint']})" if enc
+                  else "dense vectors: none (the router ranks lexically)", highlight=False)
         if result.problems:
             con.print(f"[yellow]{len(result.problems)} records skipped[/] (listed above)")
         phases = " ".join(f"{k} {v:.1f}s" for k, v in result.phase_seconds.items())

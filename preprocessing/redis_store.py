@@ -15,6 +15,7 @@ Key layout (``P`` is the key prefix, ``shardqa`` unless the URL says
     P:{sN}:V:passages               string: JSON metadata of shard N's passages
     P:{sN}:V:tok_ptr|ids|offsets|word_ids     .npy bytes: the pre-tokenised passages
     P:{sN}:V:rank                   sorted set: passage id -> graph ranking score
+    P:{sN}:V:dense                  .npy bytes: shard N's passage vectors (index built with an encoder)
 
 Everything of one shard carries the shard's hash tag, so in a cluster it lives
 in one slot and is read from one node; the ranking is read with
@@ -226,6 +227,10 @@ class RedisStore(IndexStore):
             tables[name] = bytes_to_array(blob)
         return tables, meta
 
+    def _read_dense(self, shard: int, version: str):
+        raw = self._get_blob(self._sk(version, shard, "dense"))
+        return None if raw is None else bytes_to_array(raw)
+
     def ranking(self, shard, version=None, min_score=float("-inf"), max_score=float("inf"), limit=None, descending=False):
         key = self._sk(self.resolve(version), shard, "rank")
         lo = "-inf" if min_score == float("-inf") else repr(float(min_score))
@@ -277,6 +282,8 @@ class RedisStore(IndexStore):
             self._set_blob(pipe, self._sk(version, shard, "passages"), json.dumps(packed["meta"]).encode(), keys)
             for name in SHARD_ARRAYS:
                 self._set_blob(pipe, self._sk(version, shard, name), array_to_bytes(packed[name]), keys)
+            if bundle.dense is not None:
+                self._set_blob(pipe, self._sk(version, shard, "dense"), array_to_bytes(bundle.dense[shard]), keys)
             rank_key = self._sk(version, shard, "rank")
             keys.append(rank_key)
             ranking = bundle.rankings[shard]

@@ -4,8 +4,8 @@ One small interface, :class:`IndexStore`, with two implementations:
 
 * :class:`DirectoryStore` (the default, no server): ``ROOT/<version>/`` holds one
   immutable version — ``manifest.json``, per shard ``shard-<i>/`` with the
-  passages' token arrays as ``.npy`` files (memory-mappable) and their metadata
-  as JSON, the routing tables as ``.npy`` files, and the ranking as sorted
+  passages' token arrays as ``.npy`` files (memory-mappable), their metadata
+  as JSON and (when built with an encoder) their dense vectors ``dense.npy``, the routing tables as ``.npy`` files, and the ranking as sorted
   arrays. ``ROOT/CURRENT`` names the current version and is replaced
   atomically (write + ``os.replace``) once a version is complete.
 * :class:`~shardqa.preprocessing.redis_store.RedisStore` (``redis://``,
@@ -78,6 +78,9 @@ class IndexBundle:
     tables: dict[str, np.ndarray]
     tables_meta: dict
     documents: dict[str, tuple[str, str]]  # doc_id -> (title, text)
+    #: per shard: the passages' dense vectors [passages of the shard, dim] (float16, L2-normalised,
+    #: rows in the shard's passage order), or None for an index built without an encoder.
+    dense: list[np.ndarray] | None = None
 
 
 def new_version() -> str:
@@ -170,6 +173,23 @@ class IndexStore(ABC):
 
     def load_tables(self, version: str | None = None) -> tuple[dict[str, np.ndarray], dict]:
         return self._read_tables(self.resolve(version))
+
+    def load_dense(self, shard: int, version: str | None = None) -> np.ndarray | None:
+        """The shard's passage vectors [passages, dim] (rows in ``load_shard`` order), or None
+        when the version was built without an encoder (``manifest.params["encoder"]`` absent)."""
+        version = self.resolve(version)
+        manifest = self._read_manifest(version)
+        if not manifest.params.get("encoder"):
+            return None
+        if not 0 <= shard < manifest.shards:
+            raise StoreError(f"index version {version} has shards 0..{manifest.shards - 1}, not {shard}")
+        arr = self._read_dense(shard, version)
+        if arr is None:
+            raise IndexNotFound(f"index version {version} in {self.url}: shard {shard} has no dense vectors")
+        return arr
+
+    def _read_dense(self, shard: int, version: str) -> np.ndarray | None:
+        return None
 
     def publish(self, bundle: IndexBundle, keep: int = 3) -> str:
         """Write a complete version, make it current, drop versions beyond the newest ``keep``."""
@@ -301,6 +321,10 @@ class DirectoryStore(IndexStore):
             raise IndexNotFound(f"index version {version} in {self.root} has no routing tables") from None
         return {name: np.load(d / f"{name}.npy", mmap_mode="r") for name in meta["arrays"]}, meta
 
+    def _read_dense(self, shard: int, version: str) -> np.ndarray | None:
+        path = self._vdir(version) / f"shard-{shard}" / "dense.npy"
+        return np.load(path, mmap_mode="r") if path.is_file() else None
+
     def ranking(self, shard, version=None, min_score=float("-inf"), max_score=float("inf"), limit=None, descending=False):
         d = self._vdir(self.resolve(version)) / f"shard-{shard}"
         scores = np.load(d / "rank_scores.npy", mmap_mode="r")
@@ -341,6 +365,8 @@ class DirectoryStore(IndexStore):
                 ranked = sorted(bundle.rankings[i], key=lambda m: (m[1], m[0]))
                 np.save(d / "rank_scores.npy", np.asarray([s for _, s in ranked], dtype=np.float64))
                 (d / "rank_members.json").write_text(json.dumps([m for m, _ in ranked]), encoding="utf-8")
+                if bundle.dense is not None:
+                    np.save(d / "dense.npy", np.ascontiguousarray(bundle.dense[i]), allow_pickle=False)
             t = tmp / "tables"
             t.mkdir()
             for name, arr in bundle.tables.items():

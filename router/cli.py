@@ -82,11 +82,15 @@ def register(app: typer.Typer) -> None:
         table = Table(title=f"routing {ev.questions} questions · index {router.version} in {st.url}")
         table.add_column("k", justify="right")
         table.add_column("recall@k (router)", justify="right")
+        if ev.lexical_recall is not None:
+            table.add_column("recall@k (router, no dense)", justify="right")
         table.add_column("recall@k (BM25)", justify="right")
         table.add_column("shards touched", justify="right")
         for k in KS:
-            table.add_row(str(k), f"{ev.recall[k]:.4f}", f"{ev.baseline_recall[k]:.4f}", f"{ev.mean_shards_at[k]:.2f}")
+            lex = [f"{ev.lexical_recall[k]:.4f}"] if ev.lexical_recall is not None else []
+            table.add_row(str(k), f"{ev.recall[k]:.4f}", *lex, f"{ev.baseline_recall[k]:.4f}", f"{ev.mean_shards_at[k]:.2f}")
         con.print(table)
+        con.print(f"dense signal: {ev.dense or 'off (lexical routing)'}", highlight=False)
         con.print(
             f"mean routed passage tokens (k=8) {ev.mean_passage_tokens:.1f} (index mean {ev.index_mean_passage_tokens:.1f}) · "
             f"latency p50 {ev.p50_ms:.3f} ms, p99 {ev.p99_ms:.3f} ms",

