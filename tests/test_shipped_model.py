@@ -28,9 +28,9 @@ EASY = [
         "Varsovia",
     ),
     (
-        "Who founded the University of Chicago?",
+        "In what year was the University of Chicago founded?",
         "The University of Chicago was founded by the American Baptist Education Society and oil magnate John D. Rockefeller in 1890.",
-        "John D. Rockefeller",
+        "1890",
     ),
 ]
 
