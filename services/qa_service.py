@@ -235,7 +235,7 @@ class QAService:
         t3 = time.perf_counter()
         metrics.record_stage("shard_inference", t3 - t2)
 
-        merged = sorted(chain.from_iterable(results), key=lambda a: a.score, reverse=True)[:top_k]
+        merged = merge_answers(chain.from_iterable(results), route, top_k, self.settings.merge_route_weight)
         body = encode_answers(merged)
         metrics.record_stage("merge", time.perf_counter() - t3)
         return body
@@ -280,6 +280,30 @@ class QAService:
             "created_at": m.created_at,
             "model": self.model_id,
         }
+
+
+def merge_answers(answers, route, top_k: int, route_weight: float) -> list[Answer]:
+    """The best ``top_k`` answers over all passages, distinct by text.
+
+    A reader's ``score`` is a probability within one window, so every passage
+    is confident about its own best span: ranking on it picks distractors
+    (705 SQuAD dev questions, 3 routed passages: F1 54.5). The span logit
+    compares across passages (62.7), and the router's relative score adds
+    what the reader cannot see, how well the passage matched the question
+    (66.3 at weight 8; the default 10 sits where F1 is flat, 8 to 16)."""
+    best = max((p.score for p in route.passages), default=0.0)
+    prior = {p.passage_id: (p.score / best if best > 0 else 0.0) for p in route.passages}
+    ranked = sorted(answers, key=lambda a: a.logit + route_weight * prior.get(a.passage_id, 0.0), reverse=True)
+    out, seen = [], set()
+    for a in ranked:
+        key = a.text.strip().lower()
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(a)
+        if len(out) == top_k:
+            break
+    return out
 
 
 def _group_by_shard(passages) -> dict[int, list[str]]:

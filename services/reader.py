@@ -181,6 +181,7 @@ class Reader:
                 key = (r, id(p), c["text"].lower())
                 if key in merged:
                     merged[key]["score"] += c["score"]
+                    merged[key]["logit"] = max(merged[key]["logit"], c["logit"])
                 else:
                     merged[key] = c
                     per_request[r].append(c)
@@ -189,7 +190,7 @@ class Reader:
         for r, req in enumerate(requests):
             cands = per_request[r]
             if self.handle_impossible_answer:
-                cands.append({"score": null_scores[r], "start": 0, "end": 0, "text": "", "passage": None})
+                cands.append({"score": null_scores[r], "start": 0, "end": 0, "text": "", "passage": None, "logit": 0.0})
             # Stable sort: ties keep window order, as the reference does.
             cands = sorted(cands, key=lambda c: c["score"], reverse=True)[: req.top_k]
             results.append([self._to_answer(c) for c in cands])
@@ -219,6 +220,7 @@ class Reader:
         # zeroes its probability; other special tokens stay masked.
         if self.tokenizer.cls_id is not None:
             allowed |= w.input_ids == self.tokenizer.cls_id
+        raw_start, raw_end = start, end
         start = np.where(~allowed, _MASKED, start)[None, :]
         end = np.where(~allowed, _MASKED, end)[None, :]
         start = np.exp(start - start.max(axis=-1, keepdims=True))
@@ -249,7 +251,8 @@ class Reader:
         out = []
         for s, e, score in zip(s_idx, e_idx, scores):
             a, b = self._char_span(w, p.tokens, int(s), int(e))
-            out.append({"score": float(score.item()), "start": a, "end": b, "text": p.text[a:b], "passage": p})
+            out.append({"score": float(score.item()), "start": a, "end": b, "text": p.text[a:b], "passage": p,
+                        "logit": float(raw_start[s] + raw_end[e])})
         return out, null
 
     @staticmethod
@@ -280,7 +283,7 @@ class Reader:
     def _to_answer(c: dict) -> Answer:
         p: Passage | None = c["passage"]
         if p is None:
-            return Answer(text="", score=c["score"], start=0, end=0)
+            return Answer(text="", score=c["score"], start=0, end=0, logit=c["logit"])
         return Answer(
             text=c["text"],
             score=c["score"],
@@ -289,6 +292,7 @@ class Reader:
             passage_id=p.passage_id,
             doc_id=p.doc_id,
             shard=p.shard,
+            logit=c["logit"],
         )
 
 

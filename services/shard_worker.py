@@ -99,15 +99,22 @@ class ShardWorker:
     # --- answering ---------------------------------------------------------------
 
     def answer_batch(self, queries: Sequence[ShardQuery]) -> list[list[Answer]]:
-        """One batched reader call for many questions."""
+        """One batched reader call for many questions: each query gets the
+        best ``top_k`` answers of every passage it names, passage by passage,
+        so the ingress can rank them with the router's scores."""
         from shardqa.services.reader import ReadRequest
 
-        requests = []
-        for q in queries:
+        requests, owners = [], []
+        for i, q in enumerate(queries):
             by_id = self.passages(q.index_version)
             try:
                 passages = [by_id[pid] for pid in q.passage_ids]
             except KeyError as exc:
                 raise IndexNotFound(f"shard {self.shard} has no passage {exc.args[0]!r} in index version {q.index_version}") from None
-            requests.append(ReadRequest(q.question, passages, q.top_k))
-        return self.reader.answer_batch(requests)
+            for p in passages:
+                requests.append(ReadRequest(q.question, [p], q.top_k))
+                owners.append(i)
+        out: list[list[Answer]] = [[] for _ in queries]
+        for i, answers in zip(owners, self.reader.answer_batch(requests)):
+            out[i].extend(answers)
+        return out

@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     passage_sentences: int = Field(3, ge=1, description="sentences per passage window")
     passage_max_tokens: int = Field(128, ge=16, description="cap on tokens per passage")
     route_k: int = Field(3, ge=1, description="passages routed per question")
+    merge_route_weight: float = Field(
+        10.0, ge=0,
+        description="answers are ranked by span logit + this x the passage's route score (relative to the best passage)",
+    )
     route_encoder: str = Field(
         "auto", description="dense encoder for indexing and routing: auto (the installed all-MiniLM-L6-v2), a folder, or none"
     )

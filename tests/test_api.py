@@ -135,3 +135,20 @@ def test_openapi_describes_the_api(client):
     docs = client.get("/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
     json.dumps(doc)  # the document is plain JSON
+
+
+def test_merge_ranks_on_span_logit_plus_route_prior_and_drops_repeated_texts():
+    from shardqa.services.qa_service import merge_answers
+    from shardqa.types import Answer, RoutedPassage, RouteResult
+
+    route = RouteResult("q", [RoutedPassage("a", "d1", 0, "{s0}", 2.0), RoutedPassage("b", "d2", 1, "{s1}", 1.0)])
+    answers = [
+        # the second passage's span is a confident probability but a weak logit
+        Answer("Paris", 0.99, 0, 5, passage_id="b", logit=9.0),
+        Answer("France", 0.40, 0, 6, passage_id="a", logit=8.0),
+        Answer("france", 0.30, 9, 15, passage_id="b", logit=7.5),
+    ]
+    assert [a.text for a in merge_answers(answers, route, 3, route_weight=0.0)] == ["Paris", "France"]
+    ranked = merge_answers(answers, route, 3, route_weight=4.0)
+    assert [a.text for a in ranked] == ["France", "Paris"]  # 8 + 4 = 12 > 9 + 2 = 11
+    assert len(merge_answers(answers, route, 1, route_weight=4.0)) == 1
