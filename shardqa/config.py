@@ -51,7 +51,11 @@ class Settings(BaseSettings):
     shards: int = Field(4, ge=1, description="shards to build when indexing")
     passage_sentences: int = Field(3, ge=1, description="sentences per passage window")
     passage_max_tokens: int = Field(128, ge=16, description="cap on tokens per passage")
-    route_k: int = Field(3, ge=1, description="passages routed per question")
+    route_k: int = Field(4, ge=1, description="passages routed per question (at most this many are read)")
+    route_min_relative_score: float = Field(
+        0.9, ge=0, le=1,
+        description="a routed passage is read only if its route score is at least this fraction of the best one's",
+    )
     merge_route_weight: float = Field(
         10.0, ge=0,
         description="answers are ranked by span logit + this x the passage's route score (relative to the best passage)",

@@ -152,3 +152,15 @@ def test_merge_ranks_on_span_logit_plus_route_prior_and_drops_repeated_texts():
     ranked = merge_answers(answers, route, 3, route_weight=4.0)
     assert [a.text for a in ranked] == ["France", "Paris"]  # 8 + 4 = 12 > 9 + 2 = 11
     assert len(merge_answers(answers, route, 1, route_weight=4.0)) == 1
+
+
+def test_only_passages_near_the_best_route_score_are_read():
+    from shardqa.services.qa_service import passages_to_read
+    from shardqa.types import RoutedPassage
+
+    ps = [RoutedPassage(f"p{i}", "d", i % 2, "{s0}", s) for i, s in enumerate([2.0, 1.9, 1.7, 0.5])]
+    assert [p.passage_id for p in passages_to_read(ps, 0.9)] == ["p0", "p1"]
+    assert [p.passage_id for p in passages_to_read(ps, 0.0)] == ["p0", "p1", "p2", "p3"]
+    assert passages_to_read([], 0.9) == []
+    # the best passage is always read
+    assert [p.passage_id for p in passages_to_read(ps, 1.0)] == ["p0"]
