@@ -13,7 +13,7 @@
 # service when a target is missed); stop the service. BENCHMARKS.md and
 # benchmarks/results/ are written by bench-all, never by hand.
 #
-# Environment: PYTHON (default .venv/bin/python), MODEL, BACKEND, SHARDS (4),
+# Environment: PYTHON (default .venv/bin/python), MODEL, BACKEND, SHARDS (4), NUM_CPUS (2),
 # STORE (benchmarks/work/index), CACHE_URL, LIMIT, READER_RUNS, PORT,
 # REINDEX (1: build a new index version first; 0: serve the current one).
 set -euo pipefail
@@ -41,7 +41,10 @@ if [[ "$REINDEX" == "1" ]]; then
   setup+=(--setup-command "shardqa $(quote "${index_args[@]}" | sed "s|$SQUAD|$SQUAD_SHOWN|")")
 fi
 
-serve_args=(serve --store "$STORE" --host 127.0.0.1 --port "$PORT")
+# Each shard replica reserves NUM_CPUS logical CPUs and runs its model with
+# that many threads: 2 uses both cores of a 2-core machine for the one
+# question in flight at concurrency 1.
+serve_args=(serve --store "$STORE" --host 127.0.0.1 --port "$PORT" --num-cpus "${NUM_CPUS:-2}")
 [[ -n "${MODEL:-}" ]] && serve_args+=(--model "$MODEL")
 [[ -n "${BACKEND:-}" ]] && serve_args+=(--backend "$BACKEND")
 [[ -n "${CACHE_URL:-}" ]] && serve_args+=(--cache-url "$CACHE_URL")

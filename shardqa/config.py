@@ -79,7 +79,9 @@ class Settings(BaseSettings):
     num_cpus_per_replica: float = Field(1.0, ge=0)
     num_gpus_per_replica: float = Field(0.0, ge=0)
     max_batch_size: int = Field(16, ge=1, description="@serve.batch max batch size in shard replicas")
-    batch_wait_timeout_s: float = Field(0.002, ge=0, description="@serve.batch wait for a fuller batch")
+    # 0: a lone request runs at once; requests that arrive during a forward
+    # pass still form the next batch (measured: 2-3 ms off p50 at concurrency 1).
+    batch_wait_timeout_s: float = Field(0.0, ge=0, description="@serve.batch wait for a fuller batch")
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="larger request bodies get 413")
     max_batch_questions: int = Field(64, ge=1, description="questions per /v1/answer:batch call")
     max_top_k: int = Field(10, ge=1)
