@@ -86,3 +86,26 @@ def test_a_later_stage_continues_the_data_order_exactly():
     # one epoch covers every feature once
     seen = sorted(i for b in build_schedule(lengths, 8, 42, 0.0, 1.0) for i in b)
     assert seen == list(range(1000))
+
+
+def test_learning_curve_adds_up_the_stages_a_run_continued(tmp_path):
+    import json
+
+    from shardqa.training.package import learning_curve
+
+    def stage(name, init_from, steps, probes):
+        run = tmp_path / name
+        (run / "final").mkdir(parents=True)
+        cfg = {"steps": steps, "train_seconds": 100.0 * steps, "init_from": init_from}
+        (run / "final" / "training_config.json").write_text(json.dumps(cfg))
+        lines = [json.dumps({"step": s, "features_seen": 32 * s, "elapsed_s": 100.0 * s,
+                             "dev_probe": {"exact_match": f1 - 10, "f1": f1, "n": 500}}) for s, f1 in probes]
+        (run / "train_log.jsonl").write_text("\n".join(lines) + "\n")
+        return run
+
+    first = stage("s1", None, 10, [(5, 60.0), (10, 70.0)])
+    second = stage("s2", str(first / "final"), 8, [(4, 72.0), (8, 75.0)])
+    curve = learning_curve(second)
+    assert [(p["stage"], p["step"], p["f1"]) for p in curve] == [(1, 5, 60.0), (1, 10, 70.0), (2, 14, 72.0), (2, 18, 75.0)]
+    assert curve[-1]["features_seen"] == 320 + 256 and curve[-1]["elapsed_s"] == 1000.0 + 800.0
+    assert [p["stage"] for p in learning_curve(first)] == [1, 1]

