@@ -20,7 +20,6 @@ template (``[CLS] text [SEP]`` for BERT).
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import threading
 from pathlib import Path
@@ -28,9 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from shardqa.errors import ModelNotFound
-from shardqa.onnx_export import RECIPE, atomic_write, export, load_for_export, quantize_int8
+from shardqa.onnx_export import RECIPE, cached_export, export, load_for_export
 
-log = logging.getLogger(__name__)
 
 #: Bumped whenever the export recipe changes, so stale cache entries are not reused.
 ENCODER_RECIPE = f"enc-v3-meanpool-l2-{RECIPE}"
@@ -81,17 +79,7 @@ def weights_hash(model_dir: Path) -> str:
 
 def export_encoder(model_dir: Path, cache_dir: Path, int8: bool) -> Path:
     """Export (once) and return the fp32 or INT8 ONNX encoder."""
-    folder = Path(cache_dir) / "onnx-encoder" / weights_hash(model_dir)
-    fp32 = folder / "encoder.onnx"
-    if not fp32.exists():
-        log.info("exporting the encoder %s to ONNX (once; cached under %s)", model_dir, folder)
-        atomic_write(fp32, lambda tmp: _export_fp32(model_dir, tmp))
-    if not int8:
-        return fp32
-    q = folder / "encoder-int8.onnx"
-    if not q.exists():
-        atomic_write(q, lambda tmp: quantize_int8(fp32, model_dir, tmp))
-    return q
+    return cached_export(Path(cache_dir) / "onnx-encoder" / weights_hash(model_dir), "encoder", model_dir, _export_fp32, int8)
 
 
 def _export_fp32(model_dir: Path, out: Path) -> None:

@@ -16,7 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from shardqa.errors import BackendUnavailable
-from shardqa.onnx_export import RECIPE, atomic_write, export, load_for_export, quantize_int8
+from shardqa.onnx_export import RECIPE, cached_export, export, load_for_export
 
 log = logging.getLogger(__name__)
 
@@ -149,18 +149,7 @@ def _model_input_names(model) -> tuple[str, ...]:
 
 def export_onnx(model_dir: Path, cache_dir: Path, int8: bool = False) -> Path:
     """Export (once) and return the path of the fp32 or INT8 ONNX model."""
-    key = model_hash(model_dir)
-    folder = Path(cache_dir) / "onnx" / key
-    fp32 = folder / "model.onnx"
-    if not fp32.exists():
-        log.info("exporting %s to ONNX (once; cached under %s)", model_dir, folder)
-        atomic_write(fp32, lambda tmp: _export_fp32(model_dir, tmp))
-    if not int8:
-        return fp32
-    q = folder / "model-int8.onnx"
-    if not q.exists():
-        atomic_write(q, lambda tmp: quantize_int8(fp32, model_dir, tmp))
-    return q
+    return cached_export(Path(cache_dir) / "onnx" / model_hash(model_dir), "model", model_dir, _export_fp32, int8)
 
 
 def _export_fp32(model_dir: Path, out: Path) -> None:

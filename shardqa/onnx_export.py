@@ -10,9 +10,12 @@ stays a dozen unfused nodes per layer and made INT8 about 1.5x slower here.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 #: Part of every export cache key: bump it when anything below changes.
 RECIPE = "eager-fused-opset17-int8-per-channel"
@@ -29,6 +32,21 @@ def atomic_write(target: Path, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def cached_export(folder: Path, stem: str, model_dir: Path, export_fp32, int8: bool) -> Path:
+    """``folder/stem.onnx`` made once by ``export_fp32(model_dir, path)``, and
+    with ``int8`` its quantised copy ``folder/stem-int8.onnx``, made once too."""
+    fp32 = folder / f"{stem}.onnx"
+    if not fp32.exists():
+        log.info("exporting %s to ONNX (once; cached under %s)", model_dir, folder)
+        atomic_write(fp32, lambda tmp: export_fp32(model_dir, tmp))
+    if not int8:
+        return fp32
+    q = folder / f"{stem}-int8.onnx"
+    if not q.exists():
+        atomic_write(q, lambda tmp: quantize_int8(fp32, model_dir, tmp))
+    return q
 
 
 def load_for_export(auto_class, model_dir: Path):
