@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import chain
 
 from shardqa.config import Settings
@@ -293,17 +294,22 @@ def merge_answers(answers, route, top_k: int, route_weight: float) -> list[Answe
     (66.3 at weight 8; the default 10 sits where F1 is flat, 8 to 16)."""
     best = max((p.score for p in route.passages), default=0.0)
     prior = {p.passage_id: (p.score / best if best > 0 else 0.0) for p in route.passages}
-    ranked = sorted(answers, key=lambda a: a.logit + route_weight * prior.get(a.passage_id, 0.0), reverse=True)
-    out, seen = [], set()
-    for a in ranked:
-        key = a.text.strip().lower()
-        if key in seen:
-            continue
-        seen.add(key)
-        out.append(a)
-        if len(out) == top_k:
-            break
-    return out
+    keyed = sorted(((a.logit + route_weight * prior.get(a.passage_id, 0.0), a) for a in answers),
+                   key=lambda ka: ka[0], reverse=True)
+    distinct, seen = [], set()
+    for k, a in keyed:
+        text = a.text.strip().lower()
+        if text not in seen:
+            seen.add(text)
+            distinct.append((k, a))
+    if not distinct:
+        return []
+    # The response's score is the softmax of the ranking key over every
+    # distinct candidate read, so answers come best first by score too.
+    top = distinct[0][0]
+    weights = [math.exp(k - top) for k, _ in distinct]
+    total = sum(weights)
+    return [replace(a, score=w / total) for (_, a), w in zip(distinct[:top_k], weights)]
 
 
 def passages_to_read(passages, min_relative_score: float):

@@ -5,6 +5,7 @@ stack trace, and the OpenAPI document describes the endpoints."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -151,6 +152,9 @@ def test_merge_ranks_on_span_logit_plus_route_prior_and_drops_repeated_texts():
     assert [a.text for a in merge_answers(answers, route, 3, route_weight=0.0)] == ["Paris", "France"]
     ranked = merge_answers(answers, route, 3, route_weight=4.0)
     assert [a.text for a in ranked] == ["France", "Paris"]  # 8 + 4 = 12 > 9 + 2 = 11
+    # scores: softmax of the ranking keys over the distinct candidates (12, 11)
+    assert ranked[0].score == pytest.approx(1 / (1 + math.exp(-1)))
+    assert ranked[1].score == pytest.approx(math.exp(-1) / (1 + math.exp(-1)))
     assert len(merge_answers(answers, route, 1, route_weight=4.0)) == 1
 
 
