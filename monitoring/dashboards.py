@@ -229,6 +229,19 @@ def overview() -> dict[str, Any]:
             "A falling score means questions match the corpus worse (drift, or a wrong index).",
         ),
         _timeseries(
+            "Questions routed with the dense encoder",
+            [
+                _target(
+                    f'sum(rate(shardqa_routes_total{{dense="true"}}[{RATE_WINDOW}])) / sum(rate(shardqa_routes_total[{RATE_WINDOW}]))',
+                    "share",
+                    "A",
+                ),
+            ],
+            "percentunit",
+            "The router skips the question encoder when the lexical ranking is confident (about 60% of SQuAD "
+            "questions); a rising share means flatter lexical matches and a slower route stage.",
+        ),
+        _timeseries(
             "Healthy Serve replicas per deployment",
             [_target("sum by (application, deployment) (ray_serve_deployment_replica_healthy)", "{{deployment}}", "A")],
             "short",

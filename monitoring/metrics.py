@@ -114,6 +114,10 @@ ERRORS = MetricSpec("shardqa_errors_total", "counter", "Failed requests by error
 ROUTE_SCORE = MetricSpec(
     "shardqa_route_score", "histogram", "Routing score of the winning passage", (), ROUTE_SCORE_BUCKETS
 )  # fmt: skip
+ROUTES = MetricSpec(
+    "shardqa_routes_total", "counter", "Questions routed, by whether the dense question encoder ran (true/false)",
+    ("dense",),
+)  # fmt: skip
 #: An info metric: value 1 on the series carrying the current labels.
 INDEX_INFO = MetricSpec(
     "shardqa_index_info", "gauge", "Index version, model and shard count being served",
@@ -122,7 +126,7 @@ INDEX_INFO = MetricSpec(
 
 SPECS: tuple[MetricSpec, ...] = (
     REQUESTS, REQUEST_DURATION, STAGE_DURATION, SHARD_INFERENCE_DURATION, SHARD_BATCH_SIZE,
-    CACHE_REQUESTS, SHARDS_TOUCHED, SHARD_INFLIGHT, ERRORS, ROUTE_SCORE, INDEX_INFO,
+    CACHE_REQUESTS, SHARDS_TOUCHED, SHARD_INFLIGHT, ERRORS, ROUTE_SCORE, ROUTES, INDEX_INFO,
 )  # fmt: skip
 
 
@@ -376,6 +380,12 @@ def record_route_score(score: float) -> None:
     if score != score:  # NaN would poison _sum
         raise ValueError("route score is NaN")
     _record(ROUTE_SCORE, float(score))
+
+
+def record_route(dense: bool) -> None:
+    """One routed question; `dense` when the question encoder ran (the router
+    skips it when the lexical ranking is confident)."""
+    _record(ROUTES, 1, dense="true" if dense else "false")
 
 
 def set_index_info(version: str, model: str, shards: int) -> None:

@@ -90,10 +90,11 @@ def register(app: typer.Typer) -> None:
             lex = [f"{ev.lexical_recall[k]:.4f}"] if ev.lexical_recall is not None else []
             table.add_row(str(k), f"{ev.recall[k]:.4f}", *lex, f"{ev.baseline_recall[k]:.4f}", f"{ev.mean_shards_at[k]:.2f}")
         con.print(table)
-        con.print(f"dense signal: {ev.dense or 'off (lexical routing)'}", highlight=False)
+        dense = f"{ev.dense} (encoder ran for {ev.dense_share:.0%} of questions)" if ev.dense else "off (lexical routing)"
+        con.print(f"dense signal: {dense}", highlight=False)
         con.print(
             f"mean routed passage tokens (k=8) {ev.mean_passage_tokens:.1f} (index mean {ev.index_mean_passage_tokens:.1f}) · "
-            f"latency p50 {ev.p50_ms:.3f} ms, p99 {ev.p99_ms:.3f} ms",
+            f"latency p50 {ev.p50_ms:.3f} ms, p99 {ev.p99_ms:.3f} ms, mean {ev.mean_ms:.3f} ms",
             highlight=False,
         )
         if ev.missing_documents:

@@ -37,6 +37,9 @@ class RouteEval:
     #: recall of the same router without the dense scores (only when ``dense``)
     lexical_recall: dict[int, float] | None = None
     lexical_mean_shards: float | None = None
+    #: share of questions for which the dense encoder ran (the rest were lexically confident)
+    dense_share: float | None = None
+    mean_ms: float = 0.0
 
     def to_json(self) -> dict:
         r = lambda d: {str(k): round(v, 4) for k, v in d.items()}  # noqa: E731
@@ -46,6 +49,8 @@ class RouteEval:
             "mean_passage_tokens": round(self.mean_passage_tokens, 2),
             "p50_ms": round(self.p50_ms, 3),
             "p99_ms": round(self.p99_ms, 3),
+            "mean_ms": round(self.mean_ms, 3),
+            "dense_share": None if self.dense_share is None else round(self.dense_share, 4),
             "baseline": {"recall": r(self.baseline_recall)},
             "dense": self.dense,
             **({"lexical": {"recall": r(self.lexical_recall), "mean_shards": round(self.lexical_mean_shards, 3)}}
@@ -81,6 +86,7 @@ def evaluate_routing(router, store, squad_path, limit: int | None = None, baseli
     shards_at = {k: 0.0 for k in KS}
     tokens = 0.0
     lat: list[float] = []
+    dense_used = 0
     # warm-up (first-call allocations) is not a routing latency
     for q in questions[:5]:
         router.route(q.question, kmax)
@@ -88,6 +94,7 @@ def evaluate_routing(router, store, squad_path, limit: int | None = None, baseli
         t = time.perf_counter()
         result = router.route(q.question, kmax)
         lat.append((time.perf_counter() - t) * 1000.0)
+        dense_used += result.dense
         idx = np.asarray([router_index(router, p.passage_id) for p in result.passages], dtype=np.int64)
         gold = doc_index.get(q.doc_id, -1)
         ok = _hits(router, gold, q.answers, idx)
@@ -108,12 +115,14 @@ def evaluate_routing(router, store, squad_path, limit: int | None = None, baseli
         mean_passage_tokens=tokens / n,
         p50_ms=float(np.percentile(lat, 50)),
         p99_ms=float(np.percentile(lat, 99)),
+        mean_ms=float(np.mean(lat)),
         baseline_recall=base,
         missing_documents=missing,
         index_mean_passage_tokens=float(np.mean(router.p_tokens)) if len(router.p_tokens) else 0.0,
         dense=router.encoder.encoder_id if getattr(router, "uses_dense", False) else None,
         lexical_recall=lexical,
         lexical_mean_shards=lexical_shards,
+        dense_share=dense_used / n if getattr(router, "uses_dense", False) else None,
     )
 
 

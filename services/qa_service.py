@@ -159,11 +159,12 @@ class QAService:
             return True
 
     def _build_view(self, version: str) -> IndexView:
-        from shardqa.router import Router
+        from shardqa.router import RouteParams, Router
 
         # The router refuses an index tokenised with another tokenizer than
         # the one the ingress tokenises questions with.
-        router = Router.from_store(self.store, version, tokenizer=self.checker.tokenizer)
+        params = RouteParams(dense_skip_gap=self.settings.route_dense_skip_gap)
+        router = Router.from_store(self.store, version, tokenizer=self.checker.tokenizer, params=params)
         return IndexView(version, self.store.manifest(version), router)
 
     def current_view(self) -> IndexView:
@@ -223,6 +224,7 @@ class QAService:
         route = view.router.route(question, self.settings.route_k)
         t2 = time.perf_counter()
         metrics.record_stage("route", t2 - t1)
+        metrics.record_route(route.dense)
         if route.passages:
             metrics.record_route_score(route.passages[0].score)
         by_shard = _group_by_shard(passages_to_read(route.passages, self.settings.route_min_relative_score))

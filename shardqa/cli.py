@@ -44,11 +44,27 @@ def _register() -> None:
 _register()
 
 
+def settings_error(exc) -> str:
+    """One line for a rejected SHARDQA_* setting (environment or .env)."""
+    parts = []
+    for e in exc.errors():
+        name = ".".join(str(p) for p in e.get("loc", ())) or "settings"
+        parts.append(f"SHARDQA_{name.upper()}={e.get('input')!r}: {e.get('msg', 'invalid')}")
+    return "invalid setting " + "; ".join(parts)
+
+
 def main() -> None:
+    from pydantic import ValidationError
+
     try:
         app()
     except ShardQAError as exc:
         typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except ValidationError as exc:
+        if exc.title != "Settings":
+            raise
+        typer.echo(f"error: {settings_error(exc)}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)

@@ -64,6 +64,11 @@ class Settings(BaseSettings):
         "auto", description="dense encoder for indexing and routing: auto (the installed all-MiniLM-L6-v2), a folder, or none"
     )
     route_encoder_threads: int = Field(1, ge=0, description="intra-op threads of the router's question encoder; 0 = library default")
+    route_dense_skip_gap: float = Field(
+        0.9, ge=0,
+        description="skip the question encoder when the best lexical passage leads the 8th by at least this "
+                    "(normalised score units); inf always runs it",
+    )
 
     # --- serving ------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="HTTP bind address")

@@ -76,3 +76,4 @@ class RouteResult:
     question: str
     passages: list[RoutedPassage]
     by_shard: dict[int, list[str]] = field(default_factory=dict)  # shard -> passage ids, best first
+    dense: bool = False  # the dense question encoder took part (else lexical blend only)

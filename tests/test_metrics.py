@@ -152,6 +152,16 @@ def test_shards_touched_and_route_score():
     assert delta(before, after, "shardqa_route_score_bucket", le="12.0") == 1
 
 
+def test_routes_count_whether_the_encoder_ran():
+    before = scrape()
+    metrics.record_route(True)
+    metrics.record_route(False)
+    metrics.record_route(False)
+    after = scrape()
+    assert delta(before, after, "shardqa_routes_total", dense="true") == 1
+    assert delta(before, after, "shardqa_routes_total", dense="false") == 2
+
+
 def test_shard_inflight_tracks_nesting_and_exceptions():
     def inflight(shard: int) -> float:
         return scrape().get(("shardqa_shard_inflight_requests", frozenset({("shard", str(shard))})), 0.0)

@@ -116,6 +116,67 @@ def test_dense_signal_lifts_recall_on_the_sample_corpus(index, lexical):
 
 
 @needs_encoder
+def test_the_encoder_is_skipped_only_when_the_lexical_ranking_is_confident(index, lexical):
+    import numpy as np
+
+    from shardqa.router.evaluate import evaluate_routing
+    from shardqa.router.router import DENSE_GATE_RANK
+
+    store, router = index
+    assert router.params.dense_skip_gap == 0.9  # the setting's default
+    always = router.with_params(dense_skip_gap=None)
+    never = router.with_params(dense_skip_gap=0.0)
+    questions = ["In what country is Normandy located?", "What is the Amazon rainforest also known as in English?",
+                 "Who were the Normans?", "What did the Black Death cause?"]
+    gated = []
+    for q in questions:
+        lex = lexical.scores(q)
+        best8 = np.sort(lex)[::-1][:DENSE_GATE_RANK]
+        confident = best8[0] - best8[-1] >= 0.9
+        r = router.route(q, 5)
+        gated.append(not r.dense)
+        assert r.dense == (not confident)
+        assert always.route(q, 5).dense
+        skipped = never.route(q, 5)
+        assert not skipped.dense
+        # skipping ranks lexically; the skipped terms count at their maximum (1 + 0.5) for every passage
+        assert [p.passage_id for p in skipped.passages] == [p.passage_id for p in lexical.route(q, 5).passages]
+        assert skipped.passages[0].score == pytest.approx(lex.max() + 1.5, rel=1e-6)
+        if not r.dense:
+            assert [p.passage_id for p in r.passages] == [p.passage_id for p in skipped.passages]
+        else:
+            assert np.array_equal(router.scores(q), always.scores(q))
+    assert any(gated) and not all(gated)  # both paths are taken on these questions
+    # a question without a known word always needs the encoder
+    assert never.route("Xyzzy plugh?", 1).dense
+    ev = evaluate_routing(router, store, SAMPLE, baseline=False)
+    assert 0.0 < ev.dense_share < 1.0 and ev.to_json()["dense_share"] == round(ev.dense_share, 4)
+    assert evaluate_routing(always, store, SAMPLE, baseline=False).dense_share == 1.0
+    assert ev.recall[8] >= SAMPLE_DENSE_RECALL_8 - 0.01
+
+
+def test_the_gate_follows_the_setting(index, monkeypatch):
+    from shardqa.router import Router
+
+    from pydantic import ValidationError
+
+    from shardqa.config import get_settings
+
+    store, _ = index
+    try:
+        monkeypatch.setenv("SHARDQA_ROUTE_DENSE_SKIP_GAP", "inf")  # always run the encoder
+        get_settings.cache_clear()
+        assert Router.from_store(store).params.dense_skip_gap == float("inf")
+        monkeypatch.setenv("SHARDQA_ROUTE_DENSE_SKIP_GAP", "-1")
+        get_settings.cache_clear()
+        with pytest.raises(ValidationError, match="route_dense_skip_gap"):
+            Router.from_store(store)
+    finally:
+        monkeypatch.delenv("SHARDQA_ROUTE_DENSE_SKIP_GAP")
+        get_settings.cache_clear()
+
+
+@needs_encoder
 def test_dense_scores_are_cosines_of_the_encoded_question(index):
     import numpy as np
 
@@ -189,8 +250,9 @@ def test_encoders_that_did_not_make_the_vectors_are_refused(index, tmp_path, cap
         p.passage_id for p in Router.from_store(store, encoder=None).route(q, 5).passages]
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "shardqa.cli", *args], capture_output=True, text=True, timeout=300, env=dict(os.environ))
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "shardqa.cli", *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
 
 
 def test_route_and_eval_route_commands(index, tmp_path):
@@ -208,7 +270,7 @@ def test_route_and_eval_route_commands(index, tmp_path):
     out = run_cli("eval-route", str(small), "--store", store.url, "--json")
     assert out.returncode == 0, out.stderr
     body = json.loads(out.stdout)
-    assert {"recall", "mean_shards", "mean_passage_tokens", "p50_ms", "p99_ms", "baseline", "dense"} <= set(body)
+    assert {"recall", "mean_shards", "mean_passage_tokens", "p50_ms", "p99_ms", "mean_ms", "dense_share", "baseline", "dense"} <= set(body)
     assert body["dense"] == (router.encoder.encoder_id if router.uses_dense else None)
     assert ("lexical" in body) == router.uses_dense
     assert set(body["recall"]) == {"1", "3", "5", "8"} and set(body["baseline"]) == {"recall"}
@@ -223,6 +285,13 @@ def test_route_and_eval_route_commands(index, tmp_path):
 
     out = run_cli("route", "Who?", "--store", str(tmp_path / "empty"))
     assert out.returncode == 2 and out.stderr.startswith("error: no index in")
+
+
+def test_a_bad_setting_is_one_line_and_exit_2(index):
+    store, _ = index
+    out = run_cli("route", "Who?", "--store", store.url, env={"SHARDQA_ROUTE_DENSE_SKIP_GAP": "-1"})
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip() == "error: invalid setting SHARDQA_ROUTE_DENSE_SKIP_GAP='-1': Input should be greater than or equal to 0"
 
 
 def test_eval_route_refuses_a_non_squad_file(index, tmp_path):
