@@ -293,7 +293,9 @@ def merge_answers(answers, route, top_k: int, route_weight: float) -> list[Answe
     (705 SQuAD dev questions, 3 routed passages: F1 54.5). The span logit
     compares across passages (62.7), and the router's relative score adds
     what the reader cannot see, how well the passage matched the question
-    (66.3 at weight 8; the default 10 sits where F1 is flat, 8 to 16)."""
+    (66.3 at weight 8; the default 10 sits where F1 is flat, 8 to 16). The
+    logit is the span's margin over the window's null position
+    (docs/serving.md has the later measurements)."""
     best = max((p.score for p in route.passages), default=0.0)
     prior = {p.passage_id: (p.score / best if best > 0 else 0.0) for p in route.passages}
     keyed = sorted(((a.logit + route_weight * prior.get(a.passage_id, 0.0), a) for a in answers),

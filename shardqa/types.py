@@ -57,8 +57,9 @@ class Answer:
     passage_id: str = ""
     doc_id: str = ""
     shard: int = -1
-    #: start + end logit of the span: unlike ``score`` (a probability within
-    #: one window), comparable across passages, so the ingress merges on it.
+    #: start + end logit of the span minus those of the window's null position
+    #: ([CLS]): unlike ``score`` (a probability within one window), comparable
+    #: across passages, so the ingress merges on it.
     logit: float = 0.0
 
 

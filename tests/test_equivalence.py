@@ -170,6 +170,28 @@ def test_several_passages_in_one_call():
     assert got[0].score >= best_alone - 1e-9
 
 
+def test_answer_logit_is_the_span_margin_over_the_null_position():
+    """What the ingress ranks answers from different passages by: start + end
+    logit of the span minus those of the window's [CLS] (position 0)."""
+    case = next(c for c in ONNX_CASES if len(window_logits(reader("torch", *config_of(c)), c)[0]) == 1)
+    r = reader("torch", *config_of(case))
+    start, end, _ = window_logits(r, case)
+    q = r.tokenizer.tokenize(case["question"])
+    p = r.tokenizer.tokenize(case["context"])
+    (w,) = r.features(q, p)
+    answers = r.answer(case["question"], [case["context"]], top_k=3)
+    assert answers
+    for a in answers:
+        # the tokens whose characters the answer covers, exactly
+        toks = [i for i in range(w.context_offset, len(w.input_ids) - 1)
+                if p.offsets[w.passage_start + i - w.context_offset][0] >= a.start
+                and p.offsets[w.passage_start + i - w.context_offset][1] <= a.end
+                and p.offsets[w.passage_start + i - w.context_offset][1] > p.offsets[w.passage_start + i - w.context_offset][0]]
+        s, e = toks[0], toks[-1]
+        expected = float(start[0, s] + end[0, e] - start[0, 0] - end[0, 0])
+        assert a.logit == pytest.approx(expected, abs=1e-5)
+
+
 # --- ONNX Runtime backends ------------------------------------------------------------------------
 
 def window_logits(r: Reader, case: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
