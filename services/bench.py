@@ -46,6 +46,7 @@ from shardqa.training.squad import SquadExample, squad_scores
 ANSWER_PATH = "/v1/answer"
 INDEX_PATH = "/v1/index"
 HEALTH_PATH = "/healthz"
+METRICS_PATH = "/metrics"
 READY_PATH = "/readyz"
 
 
@@ -288,6 +289,53 @@ async def wait_ready(client, base_url: str, timeout_s: float, alive=None) -> Non
         await asyncio.sleep(0.5)
 
 
+async def fetch_text(client, url: str) -> str | None:
+    try:
+        r = await client.get(url)
+        if r.status_code == 200:
+            return r.text
+    except Exception:
+        return None
+    return None
+
+
+def stage_totals(text: str | None) -> dict[str, tuple[float, float]]:
+    """(sum of seconds, count) per stage from one scrape of the ingress's
+    /metrics, plus ``request:cached=<bool>`` for its answer-endpoint latency."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, list[float]] = {}
+    if not text:
+        return {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "shardqa_stage_duration_seconds_sum":
+                key = sample.labels.get("stage", "")
+            elif sample.name == "shardqa_stage_duration_seconds_count":
+                key = sample.labels.get("stage", "")
+            elif sample.name in ("shardqa_request_duration_seconds_sum", "shardqa_request_duration_seconds_count"):
+                if sample.labels.get("endpoint") != ANSWER_PATH:
+                    continue
+                key = f"request:cached={sample.labels.get('cached')}"
+            else:
+                continue
+            slot = out.setdefault(key, [0.0, 0.0])
+            slot[0 if sample.name.endswith("_sum") else 1] += float(sample.value)
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def stage_means(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict[str, Any] | None:
+    """Mean milliseconds and count per stage between two scrapes (None when
+    the service exposes no stage metrics)."""
+    means: dict[str, Any] = {}
+    for key, (total, count) in after.items():
+        t0, c0 = before.get(key, (0.0, 0.0))
+        n = count - c0
+        if n > 0:
+            means[key] = {"mean_ms": round(1000.0 * (total - t0) / n, 3), "count": int(n)}
+    return means or None
+
+
 @dataclass(frozen=True)
 class LoadPlan:
     concurrency: tuple[int, ...]
@@ -326,12 +374,16 @@ async def run_levels(base_url: str, examples: Sequence[SquadExample], plan: Load
         specs: list[tuple[str, float]] = [("closed", c) for c in plan.concurrency] + [("open", r) for r in plan.rates]
         for (mode, value), questions in zip(specs, qplan.slices):
             for cache in ("cold", "warm") if plan.warm else ("cold",):
+                # The ingress's own stage timings over this level: where the
+                # time goes, next to what the client measured.
+                before = stage_totals(await fetch_text(client, base_url + METRICS_PATH))
                 if mode == "closed":
                     samples, wall = await run_closed(client, base_url, questions, int(value), plan.top_k)
                     level = summarize_level(samples, questions, wall, mode=mode, cache=cache, concurrency=int(value))
                 else:
                     samples, wall = await run_open(client, base_url, questions, float(value), plan.top_k)
                     level = summarize_level(samples, questions, wall, mode=mode, cache=cache, rate=float(value))
+                level["stages"] = stage_means(before, stage_totals(await fetch_text(client, base_url + METRICS_PATH)))
                 levels.append(level)
                 raw.append((list(questions), samples))
                 log(f"  {describe_level(level)}")
@@ -612,6 +664,34 @@ def targets_table(targets: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+STAGE_ORDER = ("validate", "cache", "tokenize", "route", "shard_inference", "merge")
+
+
+def stages_table(levels: Sequence[dict[str, Any]]) -> str:
+    """Mean time per ingress stage for the uncached concurrency-1 level (and
+    the cached one), next to the ingress's and the client's mean latency:
+    what the ingress does not account for is HTTP, the proxy and the client."""
+    rows = []
+    for cache in ("cold", "warm"):
+        level = find_level(levels, cache=cache, concurrency=1)
+        if not level or not level.get("stages"):
+            continue
+        st = level["stages"]
+        cells = [_fmt((st.get(name) or {}).get("mean_ms"), 2) for name in STAGE_ORDER]
+        ingress = (st.get("request:cached=false" if cache == "cold" else "request:cached=true") or {}).get("mean_ms")
+        client = level.get("mean_ms")
+        rest = client - ingress if client is not None and ingress is not None else None
+        rows.append(f"| concurrency 1, {cache} | " + " | ".join(cells) + f" | {_fmt(ingress, 2)} | {_fmt(client, 2)} | {_fmt(rest, 2)} |")
+    if not rows:
+        return ""
+    head = ("| level (mean ms) | " + " | ".join(STAGE_ORDER) + " | ingress total | client | HTTP + proxy + client |\n"
+            "|---|" + "---:|" * (len(STAGE_ORDER) + 3))
+    note = ("`shard_inference` is the fan-out: handle calls to the shards, their queue and batched forward pass, and the "
+            "replies. A cached answer skips tokenize to merge; `cache` is then the lookup. From one ingress replica's "
+            "`/metrics`, scraped before and after the level.")
+    return head + "\n" + "\n".join(rows) + "\n\n" + note
+
+
 def render_markdown(result: dict[str, Any], plot_name: str | None = None) -> str:
     meta = result.get("meta", {})
     parts = [f"### End-to-end HTTP benchmark ({meta.get('started_at', '')})", ""]
@@ -629,6 +709,9 @@ def render_markdown(result: dict[str, Any], plot_name: str | None = None) -> str
     parts += [levels_table(result.get("levels", [])), ""]
     if plot_name:
         parts += [f"![latency vs load]({plot_name})", ""]
+    stages = stages_table(result.get("levels", []))
+    if stages:
+        parts += ["#### Where the time goes (the ingress's stage metrics)", "", stages, ""]
     parts += ["#### Naive baseline in the same run", "", baseline_table(result), ""]
     if result.get("targets"):
         parts += ["#### Targets", "", targets_table(result["targets"]), ""]

@@ -64,9 +64,11 @@ class FakeService:
     odd ones, HTTP 503 for the ids in ``fail``; caches answers by question and
     reports ``cached`` as the real service does. Tracks in-flight requests."""
 
-    def __init__(self, examples, delay_s: float = 0.0, fail: frozenset[str] = frozenset()):
+    def __init__(self, examples, delay_s: float = 0.0, fail: frozenset[str] = frozenset(), busy: bool = False):
         from fastapi import FastAPI
         from fastapi.responses import JSONResponse
+
+        from shardqa.monitoring import metrics
 
         self.by_question = {ex.question: ex for ex in examples}
         self.cache: dict[str, str] = {}
@@ -87,18 +89,37 @@ class FakeService:
         async def index():
             return {"version": "test-1", "model": "not-a-local-dir", "shards": 1}
 
+        @app.get("/metrics")
+        async def prometheus():
+            # The real exposition of shardqa's metrics: what the benchmark
+            # reads its stage table from.
+            from fastapi import Response
+
+            from shardqa.monitoring import metrics
+
+            body, content_type = metrics.metrics_response()
+            return Response(body, media_type=content_type)
+
         @app.post("/v1/answer")
         async def answer(body: dict):
             self.requests += 1
             self.inflight += 1
             self.max_inflight = max(self.max_inflight, self.inflight)
             try:
-                if delay_s:
+                if delay_s and busy:  # on CPU, as a model would be: what an on-CPU profiler samples
+                    t_end = time.perf_counter() + delay_s
+                    while time.perf_counter() < t_end:
+                        pass
+                elif delay_s:
                     await asyncio.sleep(delay_s)
                 ex = self.by_question[body["question"]]
                 if ex.id in fail:
                     return JSONResponse({"error": {"code": "unavailable", "message": "down"}}, status_code=503)
                 cached = body["question"] in self.cache
+                if not cached:  # a real uncached answer: route 2 ms, fan-out 10 ms
+                    metrics.record_stage("route", 0.002)
+                    metrics.record_stage("shard_inference", 0.010)
+                metrics.record_request("/v1/answer", 200, delay_s, cached)
                 n = int(ex.id.rsplit("-", 1)[1])
                 text = ex.answers[0] if n % 2 == 0 else "a wrong answer"
                 self.cache[body["question"]] = text
@@ -152,7 +173,7 @@ def serve_fake_forever(questions_path: str, port: int, delay_s: float = 0.002) -
     """The fake service in its own process (for tests that profile it)."""
     import uvicorn
 
-    fake = FakeService(load_squad(questions_path), delay_s=delay_s)
+    fake = FakeService(load_squad(questions_path), delay_s=delay_s, busy=True)
     uvicorn.run(fake.app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
 
 
@@ -225,6 +246,14 @@ def test_closed_and_open_loop_cold_and_warm(examples):
         assert lv["exact_match"] == pytest.approx(100 * right / 20)
         assert lv["p50_ms"] >= 20.0  # the service sleeps 20 ms: the client cannot see less
         assert {s.qid for s in samples} == {q.id for q in questions}
+    # The stage table: the ingress's own timings over each level, from its /metrics.
+    cold1, warm1 = levels[0], levels[1]
+    assert cold1["stages"]["route"] == {"mean_ms": 2.0, "count": 20 - sum(q.id in fail for q in raw[0][0])}
+    assert cold1["stages"]["shard_inference"]["mean_ms"] == 10.0
+    assert cold1["stages"]["request:cached=false"]["mean_ms"] == pytest.approx(20.0)
+    assert "route" not in warm1["stages"] and warm1["stages"]["request:cached=true"]["count"] > 0
+    table = B.stages_table(levels)
+    assert "| concurrency 1, cold | – | – | – | 2.00 | 10.00 | – | 20.00 |" in table.replace("n/a", "–")
     # The levels used disjoint questions, so every cold level really was cold.
     ids = [q.id for questions, _ in raw[::2] for q in questions]
     assert len(ids) == len(set(ids))

@@ -135,7 +135,7 @@ def test_bench_all_writes_every_result_and_benchmarks_md(tmp_path):
             [sys.executable, "-m", "shardqa.cli", "bench-all", "--url", f"http://127.0.0.1:{port}", "--questions", str(qfile),
              "--limit", "4", "--concurrency", "1", "--rates", "40", "--model", str(REPO / "tests/fixtures/tiny-bert-qa"),
              "--backend", "torch", "--reader-backends", "torch", "--reader-runs", "3", "--reader-lengths", "32",
-             "--store", str(tmp_path / "no-index"), "--profile-pid", str(server.pid), "--profile-seconds", "2",
+             "--store", str(tmp_path / "no-index"), "--profile-pid", str(server.pid), "--profile-seconds", "5",  # the load starts 2 s into the recording
              "--out", str(out), "--markdown", str(md_path), "--json"],
             capture_output=True, text=True, timeout=600, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     finally:
@@ -160,4 +160,5 @@ def test_bench_all_writes_every_result_and_benchmarks_md(tmp_path):
                     "## Routing (`shardqa eval-route`)", "## Where the time goes"):
         assert heading in md
     assert "**MISSED**" in md and "busy samples" in md
+    assert "#### Where the time goes (the ingress's stage metrics)" in md and "| concurrency 1, cold |" in md
     assert str(REPO) not in md  # no machine paths for the repository
