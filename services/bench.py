@@ -155,6 +155,10 @@ def summarize_level(
     predictions = {s.qid: (s.text or "") for s in ok}
     scores = squad_scores(predictions, list(questions))
     hits = sum(1 for s in ok if s.cached)
+    first_errors: dict[str, str] = {}
+    for s in samples:
+        if not s.ok and s.error:
+            first_errors.setdefault(str(s.status) if s.status else "transport", s.error)
     return {
         "mode": mode,
         "concurrency": concurrency,
@@ -164,6 +168,7 @@ def summarize_level(
         "ok": len(ok),
         "errors": len(samples) - len(ok),
         "status_counts": status_counts,
+        "first_errors": first_errors,
         **stats,
         "qps": round(len(ok) / wall_s, 3) if wall_s > 0 else None,
         "wall_s": round(wall_s, 4),
@@ -195,7 +200,9 @@ async def ask(client, base_url: str, q: SquadExample, top_k: int, started: float
     except httpx.HTTPError as exc:
         return Sample(q.id, time.perf_counter() - t0, 0, error=type(exc).__name__)
     if not 200 <= resp.status_code < 300:
-        return Sample(q.id, latency, resp.status_code, error=f"HTTP {resp.status_code}")
+        # The body says who refused (the service's JSON error, or a proxy's page).
+        detail = body[:200].decode("utf-8", "replace").strip()
+        return Sample(q.id, latency, resp.status_code, error=f"HTTP {resp.status_code}: {detail}" if detail else f"HTTP {resp.status_code}")
     try:
         payload = json.loads(body)
         answers = payload.get("answers") or []
@@ -707,6 +714,14 @@ def render_markdown(result: dict[str, Any], plot_name: str | None = None) -> str
                      f"p50 {floor['p50_ms']:.2f} ms, p99 {floor['p99_ms']:.2f} ms.")
         parts.append("")
     parts += [levels_table(result.get("levels", [])), ""]
+    failed = [lv for lv in result.get("levels", []) if lv.get("errors")]
+    if failed:
+        parts += ["Failed requests (the first reply of each kind):", ""]
+        for lv in failed:
+            kinds = "; ".join(f"{lv['status_counts'].get(k, 0)} × {k}: `{v.replace('`', chr(39))}`"
+                              for k, v in (lv.get("first_errors") or {}).items())
+            parts.append(f"- {_load(lv)}, {lv['cache']}: {kinds or lv['status_counts']}")
+        parts.append("")
     if plot_name:
         parts += [f"![latency vs load]({plot_name})", ""]
     stages = stages_table(result.get("levels", []))

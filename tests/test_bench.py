@@ -241,6 +241,8 @@ def test_closed_and_open_loop_cold_and_warm(examples):
         expected_fail = sum(q.id in fail for q in questions)
         assert lv["requests"] == 20 and lv["errors"] == expected_fail
         assert lv["status_counts"].get("503", 0) == expected_fail
+        if expected_fail:  # the first refusal is kept, body and all
+            assert lv["first_errors"]["503"] == 'HTTP 503: {"error":{"code":"unavailable","message":"down"}}'
         assert lv["cache_hit_ratio"] == (0.0 if lv["cache"] == "cold" else 1.0)
         right = sum(1 for q in questions if q.id not in fail and int(q.id.rsplit("-", 1)[1]) % 2 == 0)
         assert lv["exact_match"] == pytest.approx(100 * right / 20)
@@ -354,6 +356,10 @@ def test_reports_json_markdown_png(tmp_path):
     assert "| open loop 40 req/s | warm |" in md
     assert "**10.00x at p50**" in md and "![latency vs load](bench.png)" in md
     assert "| uncached p50 <= 20 ms at concurrency 1 | 15.0 ms | met |" in md
+    assert "Failed requests" not in md  # none failed
+    r["levels"][2].update(errors=2, status_counts={"200": 98, "503": 2}, first_errors={"503": 'HTTP 503: <html>No server</html>'})
+    md = B.render_markdown(r)
+    assert "- concurrency 16, cold: 2 × 503: `HTTP 503: <html>No server</html>`" in md
     png = paths["plot"].read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     import matplotlib.image
