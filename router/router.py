@@ -50,7 +50,7 @@ W_DENSE_DOC = 0.5
 #: router's 3) rarely changes whether the answer is routed. Chosen on 48 SQuAD
 #: *train* articles (8,349 questions, 4 shards): the encoder is skipped for 60%
 #: of questions and recall@8 moves 0.9654 -> 0.9642; on dev it is skipped for
-#: 59% and recall@8 moves 0.9608 -> 0.9596 (docs/index-and-routing.md).
+#: 60% and recall@8 moves 0.9608 -> 0.9596 (docs/index-and-routing.md).
 DENSE_SKIP_GAP = 0.9
 DENSE_GATE_RANK = 8
 
