@@ -45,13 +45,8 @@ log = logging.getLogger(__name__)
 #: Measured on SQuAD v1.1 dev (docs/index-and-routing.md).
 W_DENSE = 1.0
 W_DENSE_DOC = 0.5
-#: The dense score mostly rescues questions whose lexical ranking is flat: when
-#: the best lexical passage clearly leads the 8th, the encoder (2 ms of the
-#: router's 3) rarely changes whether the answer is routed. Chosen on 48 SQuAD
-#: *train* articles (8,349 questions, 4 shards): the encoder is skipped for 60%
-#: of questions and recall@8 moves 0.9654 -> 0.9642; on dev it is skipped for
-#: 60% and recall@8 moves 0.9608 -> 0.9596 (docs/index-and-routing.md).
-DENSE_SKIP_GAP = 0.9
+#: The gate compares the best lexical passage with this one (the setting
+#: ``route_dense_skip_gap`` holds the threshold and why it was chosen).
 DENSE_GATE_RANK = 8
 
 
@@ -67,8 +62,9 @@ class RouteParams:
     w_dense: float = W_DENSE
     w_dense_doc: float = W_DENSE_DOC
     #: skip the question encoder when the lexical blend's best passage leads its
-    #: ``DENSE_GATE_RANK``-th by at least this (None: always encode); see DENSE_SKIP_GAP
-    dense_skip_gap: float | None = DENSE_SKIP_GAP
+    #: ``DENSE_GATE_RANK``-th by at least this (None: always encode); routers
+    #: made by ``from_store`` take it from the setting ``route_dense_skip_gap``
+    dense_skip_gap: float | None = None
 
 
 class _Level:
@@ -154,7 +150,7 @@ class Router:
     # ------------------------------------------------------------------------------
     @classmethod
     def from_store(cls, store, version: str | None = None, tokenizer=None, params: RouteParams | None = None,
-                   encoder="auto") -> "Router":
+                   encoder="auto", settings=None) -> "Router":
         """A router over one index version.
 
         ``encoder``: "auto" (default) uses the dense vectors when the index has them and the
@@ -180,7 +176,7 @@ class Router:
         if params is None:
             from shardqa.config import get_settings
 
-            params = RouteParams(dense_skip_gap=get_settings().route_dense_skip_gap)
+            params = RouteParams(dense_skip_gap=(settings or get_settings()).route_dense_skip_gap)
         dense = None
         if enc is not None:
             p_shard = np.asarray(tables["p_shard"])

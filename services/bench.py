@@ -316,9 +316,7 @@ def stage_totals(text: str | None) -> dict[str, tuple[float, float]]:
         return {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == "shardqa_stage_duration_seconds_sum":
-                key = sample.labels.get("stage", "")
-            elif sample.name == "shardqa_stage_duration_seconds_count":
+            if sample.name in ("shardqa_stage_duration_seconds_sum", "shardqa_stage_duration_seconds_count"):
                 key = sample.labels.get("stage", "")
             elif sample.name in ("shardqa_request_duration_seconds_sum", "shardqa_request_duration_seconds_count"):
                 if sample.labels.get("endpoint") != ANSWER_PATH:

@@ -159,12 +159,11 @@ class QAService:
             return True
 
     def _build_view(self, version: str) -> IndexView:
-        from shardqa.router import RouteParams, Router
+        from shardqa.router import Router
 
         # The router refuses an index tokenised with another tokenizer than
         # the one the ingress tokenises questions with.
-        params = RouteParams(dense_skip_gap=self.settings.route_dense_skip_gap)
-        router = Router.from_store(self.store, version, tokenizer=self.checker.tokenizer, params=params)
+        router = Router.from_store(self.store, version, tokenizer=self.checker.tokenizer, settings=self.settings)
         return IndexView(version, self.store.manifest(version), router)
 
     def current_view(self) -> IndexView:

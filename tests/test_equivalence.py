@@ -183,10 +183,8 @@ def test_answer_logit_is_the_span_margin_over_the_null_position():
     assert answers
     for a in answers:
         # the tokens whose characters the answer covers, exactly
-        toks = [i for i in range(w.context_offset, len(w.input_ids) - 1)
-                if p.offsets[w.passage_start + i - w.context_offset][0] >= a.start
-                and p.offsets[w.passage_start + i - w.context_offset][1] <= a.end
-                and p.offsets[w.passage_start + i - w.context_offset][1] > p.offsets[w.passage_start + i - w.context_offset][0]]
+        spans = {i: p.offsets[w.passage_start + i - w.context_offset] for i in range(w.context_offset, len(w.input_ids) - 1)}
+        toks = [i for i, (b, e) in spans.items() if a.start <= b and e <= a.end and e > b]
         s, e = toks[0], toks[-1]
         expected = float(start[0, s] + end[0, e] - start[0, 0] - end[0, 0])
         assert a.logit == pytest.approx(expected, abs=1e-5)

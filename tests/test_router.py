@@ -162,7 +162,11 @@ def test_the_gate_follows_the_setting(index, monkeypatch):
 
     from shardqa.config import get_settings
 
+    from shardqa.services.service_config import settings_with
+
     store, _ = index
+    # the service passes its own settings (Serve args may override the environment)
+    assert Router.from_store(store, settings=settings_with({"route_dense_skip_gap": 0.5})).params.dense_skip_gap == 0.5
     try:
         monkeypatch.setenv("SHARDQA_ROUTE_DENSE_SKIP_GAP", "inf")  # always run the encoder
         get_settings.cache_clear()
