@@ -145,7 +145,7 @@ def create_api(service: QAService, settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI):
         # Runs on the serving event loop (Serve runs it in each ingress
         # replica), where the service's background index watcher must live.
-        await service.start()
+        await service.start(settings.startup_index_wait_s)
         try:
             yield
         finally:

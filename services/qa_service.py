@@ -83,6 +83,7 @@ class QAService:
         self.view_problem = "no index loaded yet"
         self._refresher: asyncio.Task | None = None
         self._refresh_lock = asyncio.Lock()
+        self._first_attempt = asyncio.Event()  # set when the first load attempt ends, either way
         #: A version found unservable (other shard count or tokenizer) and why;
         #: not retried until the store's current version changes.
         self._refused: tuple[str, str] | None = None
@@ -99,11 +100,24 @@ class QAService:
 
     # --- index versions -----------------------------------------------------------
 
-    async def start(self) -> None:
-        """Start watching the store: the current index is loaded in the
-        background, so the service is up (and /readyz says why it is not
-        ready) while shards start or the index is still being built."""
+    async def start(self, wait_s: float = 0.0) -> bool:
+        """Start watching the store, and wait up to `wait_s` for the first
+        attempt to load its current index version; True if one is loaded.
+
+        The wait matters to an ingress replica that joins under traffic (a
+        restart, a scale-up, a redeploy): Serve and HAProxy send it requests
+        as soon as start-up returns, and without an index it could only
+        refuse them. Only the first attempt is awaited: when the store has
+        no index yet (its build still running) or the shards are still
+        starting, the service comes up unready at once, /readyz says why,
+        and the index loads in the background when it can."""
         self._refresher = asyncio.create_task(self._refresh_loop())
+        if wait_s > 0:
+            try:
+                await asyncio.wait_for(self._first_attempt.wait(), wait_s)
+            except asyncio.TimeoutError:
+                log.warning("no index version loaded within %.0f s of start-up; serving unready", wait_s)
+        return self.view is not None
 
     async def stop(self) -> None:
         if self._refresher is not None:
@@ -126,6 +140,7 @@ class QAService:
                 last_problem = problem
             else:
                 last_problem = ""
+            self._first_attempt.set()
             await asyncio.sleep(self.settings.index_refresh_s)
 
     async def refresh(self) -> bool:

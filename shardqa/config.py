@@ -101,6 +101,11 @@ class Settings(BaseSettings):
     max_batch_questions: int = Field(64, ge=1, description="questions per /v1/answer:batch call")
     max_top_k: int = Field(10, ge=1)
     index_refresh_s: float = Field(2.0, gt=0, description="how often the service looks for a new index version")
+    startup_index_wait_s: float = Field(
+        60.0, ge=0,
+        description="an ingress replica's start-up waits this long for its first index load, so one that joins "
+        "under traffic does not refuse requests while it loads",
+    )
 
     # --- answer cache -------------------------------------------------------------
     cache_url: str | None = Field(None, description="Redis URL for the answer cache; none = in-process cache")

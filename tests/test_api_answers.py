@@ -137,3 +137,44 @@ def test_an_index_with_another_shard_count_is_not_switched_to(served):
     body = client.post("/v1/answer", json={"question": QUESTIONS[1]}).json()
     assert body["index_version"] == serving
     check_answers(store, body, 1)
+
+
+def test_a_replica_that_joins_under_traffic_answers_its_first_request(tmp_path):
+    """Start-up waits for the first index load, so a replica Serve routes to
+    as soon as it has started does not refuse requests while it loads."""
+    from shardqa.preprocessing.build import build_index
+    from shardqa.preprocessing.store import open_store
+    from shardqa.services.reader import Reader
+
+    store_dir = tmp_path / "index"
+    build_index(SAMPLE, str(store_dir), 2, str(TINY))
+    # No second refresh tick within the test: only start-up's own attempt can
+    # have loaded the index.
+    settings = settings_with({"model": str(TINY), "store": str(store_dir), "backend": "torch", "route_k": 3, "index_refresh_s": 600})
+    reader = Reader.load(settings=settings, threads=1)
+    store = open_store(str(store_dir))
+    service = QAService.create(settings, LocalShards([ShardWorker(s, reader, store) for s in range(2)]))
+    with TestClient(create_api(service, settings)) as fresh:
+        r = fresh.post("/v1/answer", json={"question": QUESTIONS[0]})
+        assert r.status_code == 200, r.text
+        assert r.json()["answers"] and fresh.get("/readyz").status_code == 200
+
+
+def test_start_up_does_not_wait_for_an_index_that_is_not_there(tmp_path):
+    import asyncio
+
+    settings = settings_with({"model": str(TINY), "store": str(tmp_path), "startup_index_wait_s": 30})
+    service = QAService.create(settings, LocalShards([]))
+
+    async def start_and_stop():
+        t0 = time.monotonic()
+        loaded = await service.start(settings.startup_index_wait_s)
+        waited = time.monotonic() - t0
+        await service.stop()
+        return loaded, waited
+
+    loaded, waited = asyncio.run(start_and_stop())
+    # The first attempt finds no index and start-up returns unready; the
+    # 30 s bound is for an attempt that hangs, not for an empty store.
+    assert loaded is False and waited < 10
+    assert "index" in service.view_problem
