@@ -117,7 +117,7 @@ class TorchBackend:
 
 
 class OnnxBackend:
-    def __init__(self, model_dir: Path, cache_dir: Path, int8: bool, device: str = "cpu", threads: int = 0, providers: list[str] | None = None):
+    def __init__(self, model_dir: Path, cache_dir: Path, int8: bool, device: str = "cpu", threads: int = 0, providers: list[str] | None = None, spin_wait: bool = False):
         import onnxruntime as ort
 
         self.name = "onnx-int8" if int8 else "onnx"
@@ -127,6 +127,7 @@ class OnnxBackend:
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
         self.providers = select_providers(providers or [], ort.get_available_providers(), device)
         self.session = ort.InferenceSession(str(path), sess_options=opts, providers=self.providers)
         self.input_names = tuple(i.name for i in self.session.get_inputs())
@@ -174,9 +175,9 @@ def _export_fp32(model_dir: Path, out: Path) -> None:
     export(Wrapper(model), dummy, out, list(names), ["start_logits", "end_logits"], axes)
 
 
-def load_backend(kind: str, model_dir: Path, *, device: str, threads: int, cache_dir: Path, providers: list[str] | None) -> Backend:
+def load_backend(kind: str, model_dir: Path, *, device: str, threads: int, cache_dir: Path, providers: list[str] | None, spin_wait: bool = False) -> Backend:
     if kind == "torch":
         return TorchBackend(model_dir, device=device, threads=threads)
     if kind in ("onnx", "onnx-int8"):
-        return OnnxBackend(model_dir, cache_dir, int8=kind == "onnx-int8", device=device, threads=threads, providers=providers)
+        return OnnxBackend(model_dir, cache_dir, int8=kind == "onnx-int8", device=device, threads=threads, providers=providers, spin_wait=spin_wait)
     raise BackendUnavailable(f"unknown backend {kind!r}: choose torch, onnx or onnx-int8")

@@ -89,6 +89,7 @@ class Reader:
             threads=s.threads if threads is None else threads,
             cache_dir=s.cache_dir,
             providers=providers if providers is not None else s.onnx_providers,
+            spin_wait=s.onnx_spin_wait,
         )
         return cls(
             tokenizer,

@@ -75,3 +75,12 @@ def test_int8_graph_has_fused_attention_and_quantised_matmuls(tmp_path):
     assert ops.count("QAttention") + ops.count("Attention") == layers
     assert "MatMul" not in ops  # none left in fp32
     assert any(op in ("MatMulInteger", "DynamicQuantizeMatMul") for op in ops)
+
+@pytest.mark.parametrize("spin", [False, True])
+def test_onnx_spin_wait_follows_the_setting(tmp_path, spin):
+    from shardqa.services.reader import Reader
+    from shardqa.services.service_config import settings_with
+
+    settings = settings_with({"model": str(TINY), "backend": "onnx", "cache_dir": str(tmp_path), "threads": 2, "onnx_spin_wait": spin})
+    session = Reader.load(settings=settings).backend.session
+    assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == ("1" if spin else "0")
