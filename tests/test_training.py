@@ -109,3 +109,17 @@ def test_learning_curve_adds_up_the_stages_a_run_continued(tmp_path):
     assert [(p["stage"], p["step"], p["f1"]) for p in curve] == [(1, 5, 60.0), (1, 10, 70.0), (2, 14, 72.0), (2, 18, 75.0)]
     assert curve[-1]["features_seen"] == 320 + 256 and curve[-1]["elapsed_s"] == 1000.0 + 800.0
     assert [p["stage"] for p in learning_curve(first)] == [1, 1]
+
+
+def test_model_card_states_the_int8_gap_with_its_sign(tmp_path):
+    from shardqa.training.package import write_card
+
+    scores = {
+        "torch": {"exact_match": 66.65, "f1": 77.4776, "n": 10570, "seconds": 468.0},
+        "onnx-int8": {"exact_match": 66.07, "f1": 76.8205, "n": 10570, "seconds": 224.0},
+    }
+    card = write_card(tmp_path, {"weights_sha256": "ab" * 32, "weights_bytes": 1}, {"epochs": 0.3, "steps": 10},
+                      scores, [], "shardqa train RUN").read_text()
+    # INT8 is the lower one here: the gap INT8 minus fp32 is negative.
+    assert "INT8 minus fp32 F1: -0.66 (torch fp32 F1 77.48;" in card
+    assert "| onnx-int8 | 66.07 | 76.82 | 10570 | 224 |" in card

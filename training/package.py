@@ -98,7 +98,7 @@ def write_card(dest: Path, meta: dict, train_cfg: dict, scores: dict[str, dict],
     )
     fp32 = scores.get("torch", {}).get("f1")
     int8 = scores.get("onnx-int8", {}).get("f1")
-    gap = f"{fp32 - int8:+.2f}" if fp32 is not None and int8 is not None else "n/a"
+    gap = f"{int8 - fp32:+.2f}" if fp32 is not None and int8 is not None else "n/a"
     curve_rows = "\n".join(
         f"| {p.get('stage', 1)} | {p['step']} | {p['features_seen']} | {p['elapsed_s'] / 60:.0f} | {p['exact_match']:.1f} | {p['f1']:.1f} |"
         for p in curve
@@ -126,7 +126,7 @@ Measured by `shardqa eval-reader dev-v1.1.json --backend B --json` on {platform.
 |---|---|---|---|---|
 {rows}
 
-INT8 minus fp32 F1: {gap} (torch fp32 F1 {fp32 if fp32 is not None else 'n/a'} ; target ≥ 78, INT8 within 1.0).
+INT8 minus fp32 F1: {gap} (torch fp32 F1 {f"{fp32:.2f}" if fp32 is not None else 'n/a'}; target ≥ 78, INT8 within 1.0).
 
 ## Recipe
 
