@@ -54,6 +54,7 @@ class CacheBackend(Protocol):
     async def set(self, key: str, value: bytes, ttl_s: int) -> None: ...
     async def try_lock(self, key: str, ttl_ms: int) -> bool: ...
     async def unlock(self, key: str) -> None: ...
+    async def ping(self) -> None: ...
     async def close(self) -> None: ...
 
     @property
@@ -92,6 +93,9 @@ class MemoryBackend:
         return True  # the in-process single-flight already covers one process
 
     async def unlock(self, key: str) -> None:
+        return None
+
+    async def ping(self) -> None:
         return None
 
     async def close(self) -> None:
@@ -136,6 +140,9 @@ class RedisBackend:
 
     async def unlock(self, key: str) -> None:
         await self._connect().delete(LOCK_PREFIX + key)
+
+    async def ping(self) -> None:
+        await self._connect().ping()
 
     async def close(self) -> None:
         if self._client is not None:
@@ -183,6 +190,21 @@ class AnswerCache:
             self._down_until = time.monotonic() + self.retry_after_s
             log.warning("answer cache %s failed (%s: %s); serving uncached for %.1fs", what, type(exc).__name__, exc, self.retry_after_s)
             return False, None
+
+    async def warm_up(self, timeout_s: float = 2.0) -> bool:
+        """Open the connection before the first request needs it. Made under
+        a request's deadline (tens of ms), a connection on a busy machine can
+        miss it, and a miss turns the cache off for `retry_after_s`: the
+        first answers of a new replica would go uncached and unshared. A
+        failure here is only logged; requests then connect as usual."""
+        try:
+            await asyncio.wait_for(self.backend.ping(), max(timeout_s, self.timeout_s))
+            return True
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("answer cache not reachable at start-up (%s: %s); requests will try again", type(exc).__name__, exc)
+            return False
 
     async def lookup(self, key: str) -> bytes | None:
         ok, value = await self._call(self.backend.get(key), "get")

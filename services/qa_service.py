@@ -111,6 +111,7 @@ class QAService:
         no index yet (its build still running) or the shards are still
         starting, the service comes up unready at once, /readyz says why,
         and the index loads in the background when it can."""
+        await self.cache.warm_up()
         self._refresher = asyncio.create_task(self._refresh_loop())
         if wait_s > 0:
             try:

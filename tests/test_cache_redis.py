@@ -179,3 +179,23 @@ def test_a_frozen_redis_costs_one_timeout_per_backoff(redis_server):
     results, elapsed = asyncio.run(scenario())
     assert all(r.value == b"[]" for r in results)
     assert elapsed < 1.5  # one 0.2 s timeout, then the cache is bypassed (not 10 x 0.2 s)
+
+
+def test_warm_up_connects_before_the_first_request_and_never_turns_the_cache_off(redis_server):
+    up = AnswerCache(RedisBackend(redis_server.url, 0.1), ttl_s=60, timeout_s=0.1)
+    down = AnswerCache(RedisBackend(f"redis://127.0.0.1:{free_port()}/0", 0.1), ttl_s=60, timeout_s=0.1)
+
+    async def scenario():
+        ok = await up.warm_up()
+        # The connection is open and idle in the pool: the first request uses it.
+        pool = up.backend._client.connection_pool
+        idle = len(pool._available_connections)
+        refused = await down.warm_up()
+        await up.close()
+        await down.close()
+        return ok, idle, refused
+
+    ok, idle, refused = asyncio.run(scenario())
+    assert ok is True and idle == 1
+    # Nothing listens there: logged, and the cache stays on for requests to try.
+    assert refused is False and down.available

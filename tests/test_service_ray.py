@@ -65,7 +65,10 @@ def service(store_dir, redis_server):
             "replicas_per_shard": 2,
             "num_cpus_per_replica": 0.5,
             "cache_url": redis_server.url,
-            "cache_timeout_s": 0.2,
+            # A stopped Redis refuses at once; the deadline is for a slow one,
+            # and a shared CI machine under Ray start-up can be slow enough to
+            # miss 0.2 s and turn the cache off for a second mid-test.
+            "cache_timeout_s": 1.0,
             "index_refresh_s": 0.5,
         }
     )
