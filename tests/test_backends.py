@@ -76,6 +76,7 @@ def test_int8_graph_has_fused_attention_and_quantised_matmuls(tmp_path):
     assert "MatMul" not in ops  # none left in fp32
     assert any(op in ("MatMulInteger", "DynamicQuantizeMatMul") for op in ops)
 
+
 @pytest.mark.parametrize("spin", [False, True])
 def test_onnx_spin_wait_follows_the_setting(tmp_path, spin):
     from shardqa.services.reader import Reader
