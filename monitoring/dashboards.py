@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 DASHBOARD_DIR = Path(__file__).resolve().parent / "dashboards"
+#: The Helm chart ships its own copy (Helm reads files only inside the chart).
+CHART_DASHBOARD_DIR = Path(__file__).resolve().parent.parent / "deploy" / "helm" / "shardqa" / "files" / "dashboards"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 RATE_WINDOW = "$__rate_interval"
 
@@ -242,6 +244,19 @@ def overview() -> dict[str, Any]:
             "questions); a rising share means flatter lexical matches and a slower route stage.",
         ),
         _timeseries(
+            "Questions answered from the best passage alone",
+            [
+                _target(
+                    f'sum(rate(shardqa_read_rounds_total{{rounds="1"}}[{RATE_WINDOW}])) / sum(rate(shardqa_read_rounds_total[{RATE_WINDOW}]))',
+                    "share",
+                    "A",
+                ),
+            ],
+            "percentunit",
+            "Uncached questions read in one round: the best-routed passage was confident (read_first_stop_logit) "
+            "or was the only one worth reading. A falling share means more questions wait for a second round.",
+        ),
+        _timeseries(
             "Healthy Serve replicas per deployment",
             [_target("sum by (application, deployment) (ray_serve_deployment_replica_healthy)", "{{deployment}}", "A")],
             "short",
@@ -312,9 +327,10 @@ def render(name: str) -> str:
 
 
 def main() -> None:
-    DASHBOARD_DIR.mkdir(exist_ok=True)
-    for name in DASHBOARDS:
-        (DASHBOARD_DIR / name).write_text(render(name))
+    for folder in (DASHBOARD_DIR, CHART_DASHBOARD_DIR):
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in DASHBOARDS:
+            (folder / name).write_text(render(name))
 
 
 if __name__ == "__main__":

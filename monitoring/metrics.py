@@ -118,6 +118,11 @@ ROUTES = MetricSpec(
     "shardqa_routes_total", "counter", "Questions routed, by whether the dense question encoder ran (true/false)",
     ("dense",),
 )  # fmt: skip
+READ_ROUNDS = MetricSpec(
+    "shardqa_read_rounds_total", "counter",
+    "Uncached questions by sequential reading rounds (2 when the best-routed passage alone was not confident)",
+    ("rounds",),
+)  # fmt: skip
 #: An info metric: value 1 on the series carrying the current labels.
 INDEX_INFO = MetricSpec(
     "shardqa_index_info", "gauge", "Index version, model and shard count being served",
@@ -126,7 +131,7 @@ INDEX_INFO = MetricSpec(
 
 SPECS: tuple[MetricSpec, ...] = (
     REQUESTS, REQUEST_DURATION, STAGE_DURATION, SHARD_INFERENCE_DURATION, SHARD_BATCH_SIZE,
-    CACHE_REQUESTS, SHARDS_TOUCHED, SHARD_INFLIGHT, ERRORS, ROUTE_SCORE, ROUTES, INDEX_INFO,
+    CACHE_REQUESTS, SHARDS_TOUCHED, SHARD_INFLIGHT, ERRORS, ROUTE_SCORE, ROUTES, READ_ROUNDS, INDEX_INFO,
 )  # fmt: skip
 
 
@@ -386,6 +391,12 @@ def record_route(dense: bool) -> None:
     """One routed question; `dense` when the question encoder ran (the router
     skips it when the lexical ranking is confident)."""
     _record(ROUTES, 1, dense="true" if dense else "false")
+
+
+def record_read_rounds(rounds: int) -> None:
+    if rounds not in (1, 2):
+        raise ValueError(f"read rounds must be 1 or 2, got {rounds!r}")
+    _record(READ_ROUNDS, 1, rounds=str(rounds))
 
 
 def set_index_info(version: str, model: str, shards: int) -> None:

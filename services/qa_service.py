@@ -242,14 +242,34 @@ class QAService:
         metrics.record_route(route.dense)
         if route.passages:
             metrics.record_route_score(route.passages[0].score)
-        by_shard = _group_by_shard(passages_to_read(route.passages, self.settings.route_min_relative_score))
-        metrics.record_shards_touched(len(by_shard))
-        if not by_shard:
+        to_read = passages_to_read(route.passages, self.settings.route_min_relative_score)
+        if not to_read:
+            metrics.record_shards_touched(0)
             return b"[]"
 
-        results = await asyncio.gather(
-            *(self._ask(shard, ShardQuery(view.version, tokens, tuple(pids), top_k)) for shard, pids in by_shard.items())
-        )
+        async def read(passages) -> list[list[Answer]]:
+            return await asyncio.gather(
+                *(self._ask(shard, ShardQuery(view.version, tokens, tuple(pids), top_k))
+                  for shard, pids in _group_by_shard(passages).items())
+            )
+
+        stop_logit = self.settings.read_first_stop_logit
+        if stop_logit < math.inf and top_k == 1 and len(to_read) > 1:
+            # Most questions are answered confidently by the best-routed
+            # passage alone; reading the others only when it is not saves
+            # compute on the 2-core critical path (read_first_stop_logit).
+            results = await read(to_read[:1])
+            if max((a.logit for a in results[0]), default=float("-inf")) < stop_logit:
+                results += await read(to_read[1:])
+                rounds = 2
+            else:
+                to_read = to_read[:1]
+                rounds = 1
+        else:
+            results = await read(to_read)
+            rounds = 1
+        metrics.record_read_rounds(rounds)
+        metrics.record_shards_touched(len({p.shard for p in to_read}))
         t3 = time.perf_counter()
         metrics.record_stage("shard_inference", t3 - t2)
 

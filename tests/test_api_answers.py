@@ -3,6 +3,7 @@ corpus, the real router and reader (tiny model), the in-process cache."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -178,3 +179,84 @@ def test_start_up_does_not_wait_for_an_index_that_is_not_there(tmp_path):
     # 30 s bound is for an attempt that hangs, not for an empty store.
     assert loaded is False and waited < 10
     assert "index" in service.view_problem
+
+
+class RecordingShards(LocalShards):
+    """LocalShards that remembers which passages each round of reading asked for."""
+
+    def __init__(self, workers):
+        super().__init__(workers)
+        self.calls: list[tuple[int, tuple[str, ...]]] = []
+
+    async def answer(self, shard, query):
+        self.calls.append((shard, query.passage_ids))
+        return await super().answer(shard, query)
+
+
+@pytest.fixture(scope="module")
+def shared_index(tmp_path_factory):
+    from shardqa.preprocessing.build import build_index
+    from shardqa.preprocessing.store import open_store
+    from shardqa.services.reader import Reader
+
+    store_dir = tmp_path_factory.mktemp("index-rounds")
+    build_index(SAMPLE, str(store_dir), 2, str(TINY))
+    base = {"model": str(TINY), "store": str(store_dir), "backend": "torch", "route_k": 3}
+    reader = Reader.load(settings=settings_with(base), threads=1)
+    return base, reader, open_store(str(store_dir))
+
+
+def ask(shared_index, overrides: dict, question: str, top_k: int = 1):
+    import asyncio
+
+    base, reader, store = shared_index
+    # Every passage the router returns is read, so the rounds are visible.
+    settings = settings_with(base | {"route_min_relative_score": 0.0, "index_refresh_s": 600} | overrides)
+    shards = RecordingShards([ShardWorker(s, reader, store) for s in range(2)])
+    service = QAService.create(settings, shards)
+
+    async def run():
+        await service.start(wait_s=30)
+        try:
+            return json.loads((await service.answer(question, top_k)).answers_json)
+        finally:
+            await service.stop()
+
+    return asyncio.run(run()), shards.calls, service.current_view().router.route(question, 3).passages
+
+
+def read_rounds(outcome: str) -> float:
+    from shardqa.monitoring.metrics import metrics_response
+
+    body = metrics_response()[0].decode()
+    line = next((ln for ln in body.splitlines() if ln.startswith(f'shardqa_read_rounds_total{{rounds="{outcome}"}}')), None)
+    return float(line.split()[-1]) if line else 0.0
+
+
+def test_a_confident_best_passage_is_read_alone(shared_index):
+    q = QUESTIONS[0]
+    before = read_rounds("1")
+    answers, calls, routed = ask(shared_index, {"read_first_stop_logit": -1e9}, q)
+    assert len(routed) > 1
+    assert calls == [(routed[0].shard, (routed[0].passage_id,))]
+    assert answers and answers[0]["passage_id"] == routed[0].passage_id
+    assert read_rounds("1") == before + 1
+
+
+def test_an_unsure_best_passage_makes_the_rest_read_too_with_the_same_answer_as_reading_all_at_once(shared_index):
+    q = QUESTIONS[0]
+    before = read_rounds("2")
+    two_rounds, calls, routed = ask(shared_index, {"read_first_stop_logit": 1e9}, q)
+    assert calls[0] == (routed[0].shard, (routed[0].passage_id,))
+    assert sorted(p for _, pids in calls for p in pids) == sorted(p.passage_id for p in routed)
+    assert read_rounds("2") == before + 1
+    at_once, calls_at_once, _ = ask(shared_index, {"read_first_stop_logit": float("inf")}, q)
+    assert len(calls_at_once) == len({p.shard for p in routed})  # one call per shard, one round
+    assert two_rounds == at_once
+
+
+def test_several_answers_read_every_routed_passage_in_one_round(shared_index):
+    q = QUESTIONS[1]
+    answers, calls, routed = ask(shared_index, {"read_first_stop_logit": -1e9}, q, top_k=3)
+    assert sorted(p for _, pids in calls for p in pids) == sorted(p.passage_id for p in routed)
+    assert len(calls) == len({p.shard for p in routed})

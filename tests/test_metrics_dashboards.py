@@ -27,6 +27,8 @@ def test_committed_json_is_what_the_generator_builds():
     for name in dashboards.DASHBOARDS:
         committed = (dashboards.DASHBOARD_DIR / name).read_text()
         assert committed == dashboards.render(name), f"{name} is stale: run python -m shardqa.monitoring.dashboards"
+        chart_copy = (dashboards.CHART_DASHBOARD_DIR / name).read_text()
+        assert chart_copy == committed, f"the Helm chart's {name} is stale: run python -m shardqa.monitoring.dashboards"
 
 
 @pytest.mark.parametrize("name", sorted(dashboards.DASHBOARDS))
