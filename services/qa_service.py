@@ -1,5 +1,6 @@
 """Answering a question across shards: validate, cache lookup, tokenise once,
-route, fan out to the chosen shards concurrently, merge by score, cache fill.
+route, read the best passage (then, unless it was confident, fan out to the
+other chosen shards concurrently), merge by score, cache fill.
 
 Index versions: the service answers from one `IndexView` (version, manifest,
 router) at a time and every request pins the view it started with, so the
