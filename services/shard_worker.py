@@ -8,6 +8,7 @@ of Serve lets the same code run in-process (tests, a single-process server).
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -33,6 +34,17 @@ class ShardQuery:
     question: TokenizedText
     passage_ids: tuple[str, ...]
     top_k: int
+    #: Read ``passage_ids[0]`` alone first and the others only when its best
+    #: answer's logit is below this (the ingress's read-first rule, applied
+    #: here so the rest of this shard's passages cost no second hop); None
+    #: reads them all at once.
+    stop_logit: float | None = None
+
+    def first_is_confident(self, answers: Sequence[Answer]) -> bool:
+        """Whether ``answers`` let the read stop after ``passage_ids[0]``."""
+        first = self.passage_ids[0]
+        best = max((a.logit for a in answers if a.passage_id == first), default=-math.inf)
+        return self.stop_logit is not None and best >= self.stop_logit
 
 
 @dataclass(frozen=True)
@@ -99,22 +111,40 @@ class ShardWorker:
     # --- answering ---------------------------------------------------------------
 
     def answer_batch(self, queries: Sequence[ShardQuery]) -> list[list[Answer]]:
-        """One batched reader call for many questions: each query gets the
-        best ``top_k`` answers of every passage it names, passage by passage,
-        so the ingress can rank them with the router's scores."""
+        """Batched reader calls for many questions: each query gets the best
+        ``top_k`` answers of every passage it reads, passage by passage, so
+        the ingress can rank them with the router's scores.
+
+        A query with ``stop_logit`` reads its first passage in the first
+        forward pass and its other passages in a second one, only if that
+        first passage was not confident; the second pass batches every such
+        query of the batch."""
+        wanted = [self._passages_of(q) for q in queries]
+        held_back = [q.stop_logit is not None and len(ps) > 1 for q, ps in zip(queries, wanted)]
+        out = self._read([(q, ps[:1] if later else ps) for q, ps, later in zip(queries, wanted, held_back)])
+        second = [i for i, later in enumerate(held_back) if later and not queries[i].first_is_confident(out[i])]
+        if second:
+            for i, answers in zip(second, self._read([(queries[i], wanted[i][1:]) for i in second])):
+                out[i].extend(answers)
+        return out
+
+    def _passages_of(self, query: ShardQuery) -> list[Passage]:
+        by_id = self.passages(query.index_version)
+        try:
+            return [by_id[pid] for pid in query.passage_ids]
+        except KeyError as exc:
+            raise IndexNotFound(f"shard {self.shard} has no passage {exc.args[0]!r} in index version {query.index_version}") from None
+
+    def _read(self, work: Sequence[tuple[ShardQuery, Sequence[Passage]]]) -> list[list[Answer]]:
+        """One batched reader call: every (query, passages) pair's answers, per passage."""
         from shardqa.services.reader import ReadRequest
 
         requests, owners = [], []
-        for i, q in enumerate(queries):
-            by_id = self.passages(q.index_version)
-            try:
-                passages = [by_id[pid] for pid in q.passage_ids]
-            except KeyError as exc:
-                raise IndexNotFound(f"shard {self.shard} has no passage {exc.args[0]!r} in index version {q.index_version}") from None
+        for i, (q, passages) in enumerate(work):
             for p in passages:
                 requests.append(ReadRequest(q.question, [p], q.top_k))
                 owners.append(i)
-        out: list[list[Answer]] = [[] for _ in queries]
+        out: list[list[Answer]] = [[] for _ in work]
         for i, answers in zip(owners, self.reader.answer_batch(requests)):
             out[i].extend(answers)
         return out

@@ -182,11 +182,21 @@ def test_start_up_does_not_wait_for_an_index_that_is_not_there(tmp_path):
 
 
 class RecordingShards(LocalShards):
-    """LocalShards that remembers which passages each round of reading asked for."""
+    """LocalShards that remember what each call asked for, and which passages
+    each of the shards' forward passes read."""
 
     def __init__(self, workers):
         super().__init__(workers)
         self.calls: list[tuple[int, tuple[str, ...]]] = []
+        self.reads: list[tuple[int, tuple[str, ...]]] = []
+        for w in workers:
+            read = w._read
+
+            def recording(work, _read=read, _shard=w.shard):
+                self.reads.append((_shard, tuple(p.passage_id for _, ps in work for p in ps)))
+                return _read(work)
+
+            w._read = recording
 
     async def answer(self, shard, query):
         self.calls.append((shard, query.passage_ids))
@@ -222,7 +232,7 @@ def ask(shared_index, overrides: dict, question: str, top_k: int = 1):
         finally:
             await service.stop()
 
-    return asyncio.run(run()), shards.calls, service.current_view().router.route(question, 3).passages
+    return asyncio.run(run()), shards, service.current_view().router.route(question, 3).passages
 
 
 def read_rounds(outcome: str) -> float:
@@ -233,30 +243,83 @@ def read_rounds(outcome: str) -> float:
     return float(line.split()[-1]) if line else 0.0
 
 
+def on_shard(routed, shard: int) -> tuple[str, ...]:
+    return tuple(p.passage_id for p in routed if p.shard == shard)
+
+
+def routed_with_both_shards(shared_index) -> tuple[str, list]:
+    """A sample question whose routed passages lie on both shards, with more
+    than one on the best passage's shard, so every path of the rule shows."""
+    for q in QUESTIONS:
+        routed = ask(shared_index, {"read_first_stop_logit": -1e9}, q)[2]
+        first = routed[0].shard
+        if len(on_shard(routed, first)) > 1 and len(on_shard(routed, 1 - first)) > 0:
+            return q, routed
+    pytest.fail("no sample question routes to both shards with two passages on the first")
+
+
 def test_a_confident_best_passage_is_read_alone(shared_index):
-    q = QUESTIONS[0]
+    q, routed = routed_with_both_shards(shared_index)
+    first = routed[0].shard
     before = read_rounds("1")
-    answers, calls, routed = ask(shared_index, {"read_first_stop_logit": -1e9}, q)
-    assert len(routed) > 1
-    assert calls == [(routed[0].shard, (routed[0].passage_id,))]
+    answers, shards, _ = ask(shared_index, {"read_first_stop_logit": -1e9}, q)
+    # One call, to the best passage's shard, naming its read-set passages;
+    # the shard's one forward pass reads the best passage alone.
+    assert shards.calls == [(first, on_shard(routed, first))]
+    assert shards.reads == [(first, (routed[0].passage_id,))]
     assert answers and answers[0]["passage_id"] == routed[0].passage_id
     assert read_rounds("1") == before + 1
 
 
 def test_an_unsure_best_passage_makes_the_rest_read_too_with_the_same_answer_as_reading_all_at_once(shared_index):
-    q = QUESTIONS[0]
+    q, routed = routed_with_both_shards(shared_index)
+    first = routed[0].shard
     before = read_rounds("2")
-    two_rounds, calls, routed = ask(shared_index, {"read_first_stop_logit": 1e9}, q)
-    assert calls[0] == (routed[0].shard, (routed[0].passage_id,))
-    assert sorted(p for _, pids in calls for p in pids) == sorted(p.passage_id for p in routed)
+    two_rounds, shards, _ = ask(shared_index, {"read_first_stop_logit": 1e9}, q)
+    # The best passage's shard reads it, then (same call, no second hop) its
+    # other passages; only the other shard's passages take a second call.
+    assert shards.calls == [(first, on_shard(routed, first)), (1 - first, on_shard(routed, 1 - first))]
+    assert shards.reads == [
+        (first, (routed[0].passage_id,)),
+        (first, on_shard(routed, first)[1:]),
+        (1 - first, on_shard(routed, 1 - first)),
+    ]
     assert read_rounds("2") == before + 1
-    at_once, calls_at_once, _ = ask(shared_index, {"read_first_stop_logit": float("inf")}, q)
-    assert len(calls_at_once) == len({p.shard for p in routed})  # one call per shard, one round
+    at_once, shards_at_once, _ = ask(shared_index, {"read_first_stop_logit": float("inf")}, q)
+    assert len(shards_at_once.calls) == len(shards_at_once.reads) == 2  # one call and one forward pass per shard
     assert two_rounds == at_once
 
 
 def test_several_answers_read_every_routed_passage_in_one_round(shared_index):
     q = QUESTIONS[1]
-    answers, calls, routed = ask(shared_index, {"read_first_stop_logit": -1e9}, q, top_k=3)
-    assert sorted(p for _, pids in calls for p in pids) == sorted(p.passage_id for p in routed)
-    assert len(calls) == len({p.shard for p in routed})
+    answers, shards, routed = ask(shared_index, {"read_first_stop_logit": -1e9}, q, top_k=3)
+    assert sorted(p for _, pids in shards.reads for p in pids) == sorted(p.passage_id for p in routed)
+    assert len(shards.calls) == len(shards.reads) == len({p.shard for p in routed})
+
+
+def test_a_shard_batches_the_second_round_of_every_unsure_query(shared_index):
+    """Two questions in one shard batch: the first forward pass reads each
+    one's first passage, the second only the unsure one's others."""
+    from shardqa.services.shard_worker import ShardQuery
+
+    base, reader, store = shared_index
+    worker = ShardWorker(0, reader, store)
+    version = store.current_version()
+    ids = tuple(sorted(worker.passages(version)))[:3]
+    question = reader.check_question(QUESTIONS[0])
+    reads = []
+    read = worker._read
+    worker._read = lambda work: reads.append([(q.stop_logit, tuple(p.passage_id for p in ps)) for q, ps in work]) or read(work)
+    sure = ShardQuery(version, question, ids, 1, stop_logit=-1e9)
+    unsure = ShardQuery(version, question, ids[::-1], 1, stop_logit=1e9)
+    plain = ShardQuery(version, question, ids[:2], 1)
+    out = worker.answer_batch([sure, unsure, plain])
+    assert reads == [
+        [(-1e9, ids[:1]), (1e9, ids[-1:]), (None, ids[:2])],
+        [(1e9, ids[::-1][1:])],
+    ]
+    assert {a.passage_id for a in out[0]} == set(ids[:1])
+    assert {a.passage_id for a in out[1]} == set(ids)
+    assert {a.passage_id for a in out[2]} == set(ids[:2])
+    assert sure.first_is_confident(out[0]) and not unsure.first_is_confident(out[1])
+    assert not plain.first_is_confident(out[2])  # no rule, nothing to stop
