@@ -55,3 +55,37 @@ def register(app: typer.Typer) -> None:
             f"[dim]{reader.model_id} on {reader.backend.name}: loaded in {loaded - t0:.1f} s, "
             f"answered in {1000 * (done - loaded):.1f} ms[/dim]"
         )
+
+    @app.command("eval-answers")
+    def eval_answers(
+        squad_json: Path = typer.Argument(..., help="SQuAD-format JSON whose contexts the index was built from"),
+        store: Optional[str] = typer.Option(None, "--store", "-s", help="index directory or Redis URL [default: SHARDQA_STORE]"),
+        model: Optional[str] = typer.Option(None, "--model", "-m", help="QA model directory [default: SHARDQA_MODEL]"),
+        backend: Optional[Backend] = typer.Option(None, "--backend", "-b", help="torch, onnx or onnx-int8"),
+        threads: Optional[int] = typer.Option(None, "--threads", min=0, help="model threads [default: SHARDQA_THREADS]"),
+        seed: int = typer.Option(0, "--seed", help="question shuffle seed (the benchmark's is 0)"),
+        skip: int = typer.Option(0, "--skip", min=0, help="skip the first N shuffled questions (the benchmark asks the first ones)"),
+        every: int = typer.Option(1, "--every", min=1, help="then take every N-th question"),
+        limit: Optional[int] = typer.Option(None, "--limit", min=1, help="at most N questions"),
+        as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    ) -> None:
+        """End-to-end EM/F1 of routing + reading + merging in one process (the service's path without Ray or HTTP), with passages read and latency; tune the reading settings with SHARDQA_* variables."""
+        from shardqa.services.evaluate import evaluate_answers, pick_questions
+        from shardqa.services.service_config import settings_with
+        from shardqa.training.squad import load_squad
+
+        settings = settings_with({"store": store, "model": model, "backend": backend, "threads": threads, "index_refresh_s": 3600})
+        examples = pick_questions(load_squad(squad_json), seed=seed, skip=skip, every=every, limit=limit)
+        ev = evaluate_answers(settings, examples, progress=not as_json)
+        if as_json:
+            typer.echo(json.dumps(ev.to_json()))
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table("questions", "EM", "F1", "passages read", "one passage", "p50 ms", "p90 ms", "p99 ms", title="end to end, in one process")
+        table.add_row(str(ev.questions), f"{ev.exact_match:.2f}", f"{ev.f1:.2f}", f"{ev.passages_read:.2f}",
+                      f"{ev.one_passage_share:.0%}", f"{ev.p50_ms:.1f}", f"{ev.p90_ms:.1f}", f"{ev.p99_ms:.1f}")
+        console = Console()
+        console.print(table)
+        console.print("[dim]" + ", ".join(f"{k}={v}" for k, v in ev.settings.items()) + "[/dim]")
