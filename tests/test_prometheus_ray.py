@@ -67,6 +67,7 @@ class Recorder:
         self.metrics.record_shards_touched(2)
         self.metrics.record_route_score(7.5)
         self.metrics.record_route(dense=False)
+        self.metrics.record_read_rounds(1)
         self.metrics.record_error("invalid_question")
         self.metrics.record_request("/v1/answer", 200, time.perf_counter() - start, cached=False)
         return "ok"
