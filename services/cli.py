@@ -88,4 +88,6 @@ def register(app: typer.Typer) -> None:
                       f"{ev.one_passage_share:.0%}", f"{ev.p50_ms:.1f}", f"{ev.p90_ms:.1f}", f"{ev.p99_ms:.1f}")
         console = Console()
         console.print(table)
+        if ev.refused:
+            console.print(f"[yellow]{ev.refused} questions refused by the service (scored as empty answers)[/]")
         console.print("[dim]" + ", ".join(f"{k}={v}" for k, v in ev.settings.items()) + "[/dim]")

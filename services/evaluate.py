@@ -27,6 +27,7 @@ READING_SETTINGS = ("route_k", "route_min_relative_score", "read_first_stop_logi
 @dataclass(frozen=True)
 class AnswersEvaluation:
     questions: int
+    refused: int  # questions the service refused (scored as empty answers)
     exact_match: float
     f1: float
     passages_read: float  # mean per question
@@ -69,7 +70,7 @@ class _CountingReader:
 
 def evaluate_answers(settings, examples: Sequence, *, reader=None, progress: bool = True) -> AnswersEvaluation:
     """Answer every example through the service's path and score it."""
-    from shardqa.errors import InvalidRequest
+    from shardqa.errors import InvalidQuestion, InvalidRequest
     from shardqa.preprocessing.store import open_store
     from shardqa.services.qa_service import QAService
     from shardqa.services.reader import Reader
@@ -84,38 +85,48 @@ def evaluate_answers(settings, examples: Sequence, *, reader=None, progress: boo
     counting = _CountingReader(reader or Reader.load(settings=settings))
     service = QAService.create(settings, LocalShards([ShardWorker(s, counting, store) for s in range(shards)]))
 
-    async def run() -> tuple[dict[str, str], list[float], list[int]]:
+    async def run() -> tuple[dict[str, str], list[float], list[int], int]:
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-        if not await service.start(wait_s=max(settings.startup_index_wait_s, 60)):
-            raise InvalidRequest(f"cannot serve the index in {settings.store}: {service.view_problem}")
-        predictions, latencies, read = {}, [], []
+        predictions, latencies, read, refused = {}, [], [], 0
         columns = (TextColumn("answer"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeRemainingColumn())
         try:
+            if not await service.start(wait_s=max(settings.startup_index_wait_s, 60)):
+                raise InvalidRequest(f"cannot serve the index in {settings.store}: {service.view_problem}")
             with Progress(*columns, disable=not progress, transient=True) as bar:
                 task = bar.add_task("answer", total=len(examples))
-                view = service.current_view()
                 for ex in examples:
                     before = counting.passages
                     t0 = time.perf_counter()
-                    # The uncached path itself: a cache would answer repeats.
-                    body = await service._infer(view, ex.question, 1)
-                    latencies.append(time.perf_counter() - t0)
-                    read.append(counting.passages - before)
-                    answers = json.loads(body)
-                    predictions[ex.id] = answers[0]["text"] if answers else ""
+                    try:
+                        # The service's public path; the questions are distinct
+                        # under its cache key, so every one is answered uncached.
+                        outcome = await service.answer(ex.question)
+                    except InvalidQuestion:
+                        # A question the service refuses (too long, empty)
+                        # scores as an empty answer, as a client would see it.
+                        refused += 1
+                        predictions[ex.id] = ""
+                    else:
+                        latencies.append(time.perf_counter() - t0)
+                        read.append(counting.passages - before)
+                        answers = json.loads(outcome.answers_json)
+                        predictions[ex.id] = answers[0]["text"] if answers else ""
                     bar.advance(task)
         finally:
             await service.stop()
-        return predictions, latencies, read
+        return predictions, latencies, read, refused
 
-    predictions, latencies, read = asyncio.run(run())
+    predictions, latencies, read, refused = asyncio.run(run())
+    if not latencies:
+        raise InvalidRequest(f"the service refused all {refused} questions")
     scores = squad_scores(predictions, list(examples))
     ms = np.asarray(latencies) * 1000
     p50, p90, p99 = np.percentile(ms, [50, 90, 99])
     one_passage = sum(1 for n in read if n <= 1) / len(read)
     return AnswersEvaluation(
         questions=len(examples),
+        refused=refused,
         exact_match=round(scores["exact_match"], 2),
         f1=round(scores["f1"], 2),
         passages_read=round(float(np.mean(read)), 3),

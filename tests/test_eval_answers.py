@@ -109,3 +109,14 @@ def test_the_command_prints_json_and_refuses_bad_input(index, monkeypatch, capsy
         assert exit_.value.code == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_a_question_the_service_refuses_scores_as_an_empty_answer(index, reader):
+    from dataclasses import replace
+
+    examples = pick_questions(load_squad(SAMPLE), limit=3)
+    examples[1] = replace(examples[1], question="x" * 5000)  # over max_question_chars
+    ev = evaluate_answers(settings(index), examples, reader=reader, progress=False)
+    assert ev.questions == 3 and ev.refused == 1
+    with pytest.raises(Exception, match="refused all 1 questions"):
+        evaluate_answers(settings(index), examples[1:2], reader=reader, progress=False)
