@@ -697,6 +697,29 @@ def stages_table(levels: Sequence[dict[str, Any]]) -> str:
     return head + "\n" + "\n".join(rows) + "\n\n" + note
 
 
+def one_process_table(result: dict[str, Any]) -> str:
+    """The reference level's questions answered in one process (`shardqa
+    eval-answers`: route, read and merge without Ray or HTTP) next to the same
+    questions through the service: how much of the latency is the model's."""
+    one = result.get("one_process") or {}
+    if not one:
+        return ""
+    if one.get("error"):
+        return f"In one process: not measured ({one['error']})."
+    level = reference_level(result.get("levels", []))
+    head = ("| the same questions | p50 ms | p90 ms | p99 ms | F1 | passages read |\n"
+            "|---|---:|---:|---:|---:|---:|")
+    rows = [f"| in one process (`shardqa eval-answers`) | {_fmt(one.get('p50_ms'))} | {_fmt(one.get('p90_ms'))} | "
+            f"{_fmt(one.get('p99_ms'))} | {_fmt(one.get('f1'))} | {_fmt(one.get('passages_read'), 2)} |"]
+    if level:
+        rows.append(f"| through the service, {_load(level)}, cold | {_fmt(level.get('p50_ms'))} | {_fmt(level.get('p90_ms'))} | "
+                    f"{_fmt(level.get('p99_ms'))} | {_fmt(level.get('f1'))} | |")
+    note = (f"{one.get('questions')} questions of {one.get('questions_from', 'the reference level')}, one at a time, "
+            f"with the same index, model ({one.get('backend')}, {one.get('threads')} threads) and reading settings; "
+            "what the service adds on top is Ray Serve's hops to the shards, the HTTP path and the client.")
+    return head + "\n" + "\n".join(rows) + "\n\n" + note
+
+
 def render_markdown(result: dict[str, Any], plot_name: str | None = None) -> str:
     meta = result.get("meta", {})
     parts = [f"### End-to-end HTTP benchmark ({meta.get('started_at', '')})", ""]
@@ -725,6 +748,9 @@ def render_markdown(result: dict[str, Any], plot_name: str | None = None) -> str
     stages = stages_table(result.get("levels", []))
     if stages:
         parts += ["#### Where the time goes (the ingress's stage metrics)", "", stages, ""]
+    one = one_process_table(result)
+    if one:
+        parts += ["#### The model's share: the same questions in one process", "", one, ""]
     parts += ["#### Naive baseline in the same run", "", baseline_table(result), ""]
     if result.get("targets"):
         parts += ["#### Targets", "", targets_table(result["targets"]), ""]

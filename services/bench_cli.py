@@ -219,6 +219,30 @@ def run_bench(
     return result, cold_questions, asked
 
 
+def run_one_process(result: dict[str, Any], cold_questions: list, per_level: int, store: str, model_dir: str, backend: str) -> dict[str, Any]:
+    """`shardqa eval-answers` over the reference level's questions (the cold
+    levels ask ``per_level`` questions each, in order). Never fatal: a
+    failure is reported in place of the figures."""
+    from shardqa.services import bench as B
+    from shardqa.services.evaluate import evaluate_answers
+    from shardqa.services.service_config import settings_with
+
+    cold = [lv for lv in result["levels"] if lv["cache"] == "cold"]
+    ref = B.reference_level(result["levels"])
+    if ref is None or ref not in cold:
+        return {"error": "no uncached concurrency-1 level to compare with"}
+    i = cold.index(ref)
+    questions = cold_questions[i * per_level : (i + 1) * per_level]
+    try:
+        settings = settings_with({"store": store, "model": str(model_dir), "backend": backend, "index_refresh_s": 3600})
+        B._log(f"one process: shardqa eval-answers over the {len(questions)} questions of {B._load(ref)}")
+        ev = evaluate_answers(settings, questions, progress=False).to_json()
+    except Exception as exc:  # reported, never fatal
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    return {**ev, "questions_from": B._load(ref), "backend": backend,
+            "threads": settings.threads or "library default"}
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def bench(
@@ -354,6 +378,9 @@ def register(app: typer.Typer) -> None:
             url, qfile, limit=limit, concurrency=_ints(concurrency, "--concurrency"), rates=_floats(rates, "--rates"),
             seed=seed, baseline_limit=baseline_limit, model=model, ready_timeout_s=ready_timeout, service_pid=profile_pid)
         model_dir = resolve_baseline_model(model, (result.get("service") or {}).get("index"))
+
+        # 1b. The reference level's questions in one process: the model's share.
+        result["one_process"] = run_one_process(result, cold_questions, limit, store or st.store, model_dir, gold_backend)
 
         # 2. Reader only, per backend; gold-paragraph F1 on the same uncached questions.
         examples = load_squad(qfile)

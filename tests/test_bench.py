@@ -419,3 +419,19 @@ def test_a_dead_service_process_stops_the_wait_at_once(examples):
                                  log=lambda m: None, alive=lambda: False))
     assert time.monotonic() - t0 < 60  # not the 120 s ready timeout
     assert B.process_alive(os.getpid()) and not B.process_alive(2**22 + 12345)
+
+
+def test_the_same_questions_in_one_process_sit_beside_the_reference_level():
+    r = _result()
+    assert "The model's share" not in B.render_markdown(r)  # not measured: no section
+    r["one_process"] = {"questions": 100, "p50_ms": 9.5, "p90_ms": 30.0, "p99_ms": 41.0, "f1": 79.5, "passages_read": 1.68,
+                        "questions_from": "concurrency 1", "backend": "onnx-int8", "threads": 2}
+    md = B.render_markdown(r)
+    assert "#### The model's share: the same questions in one process" in md
+    assert "| in one process (`shardqa eval-answers`) | 9.5 | 30.0 | 41.0 | 79.5 | 1.68 |" in md
+    # The service's row is the reference level (uncached, concurrency 1) of the same run.
+    ref = B.reference_level(r["levels"])
+    assert f"| through the service, concurrency 1, cold | {ref['p50_ms']:.1f} |" in md
+    assert "100 questions of concurrency 1" in md and "onnx-int8, 2 threads" in md
+    r["one_process"] = {"error": "IndexNotFound: no index in idx"}
+    assert "In one process: not measured (IndexNotFound: no index in idx)." in B.render_markdown(r)

@@ -161,4 +161,7 @@ def test_bench_all_writes_every_result_and_benchmarks_md(tmp_path):
         assert heading in md
     assert "**MISSED**" in md and "busy samples" in md
     assert "#### Where the time goes (the ingress's stage metrics)" in md and "| concurrency 1, cold |" in md
+    # No index at --store: the one-process comparison says why it is missing, and the run goes on.
+    assert "no index" in result["one_process"]["error"]
+    assert "#### The model's share: the same questions in one process" in md and "not measured" in md
     assert str(REPO) not in md  # no machine paths for the repository
