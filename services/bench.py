@@ -715,8 +715,9 @@ def one_process_table(result: dict[str, Any]) -> str:
         rows.append(f"| through the service, {_load(level)}, cold | {_fmt(level.get('p50_ms'))} | {_fmt(level.get('p90_ms'))} | "
                     f"{_fmt(level.get('p99_ms'))} | {_fmt(level.get('f1'))} | |")
     note = (f"{one.get('questions')} questions of {one.get('questions_from', 'the reference level')}, one at a time, "
-            f"with the same index, model ({one.get('backend')}, {one.get('threads')} threads) and reading settings; "
-            "what the service adds on top is Ray Serve's hops to the shards, the HTTP path and the client.")
+            f"with the same index, model ({one.get('backend')}, {one.get('threads')} threads) and reading settings, in the "
+            "benchmark's process while the service is up and idle; its shards read one after another. The difference "
+            "at the median is what the service's path adds: Ray Serve's hops to the shards, HTTP and the client.")
     return head + "\n" + "\n".join(rows) + "\n\n" + note
 
 
