@@ -79,6 +79,14 @@ def distinct_questions(examples: Iterable[SquadExample]) -> list[SquadExample]:
     return out
 
 
+def shuffled_questions(examples: Iterable[SquadExample], seed: int) -> list[SquadExample]:
+    """Distinct answerable questions in the seeded order every benchmark
+    (and `shardqa eval-answers`) draws from."""
+    pool = distinct_questions(examples)
+    random.Random(seed).shuffle(pool)
+    return pool
+
+
 @dataclass(frozen=True)
 class QuestionPlan:
     warmup: list[SquadExample]
@@ -88,8 +96,7 @@ class QuestionPlan:
 def plan_questions(examples: Sequence[SquadExample], levels: int, per_level: int, warmup: int, seed: int) -> QuestionPlan:
     """Shuffle distinct questions (seeded) and cut a warm-up slice plus one
     disjoint slice of ``per_level`` questions per load level."""
-    pool = distinct_questions(examples)
-    random.Random(seed).shuffle(pool)
+    pool = shuffled_questions(examples, seed)
     need = warmup + levels * per_level
     if need > len(pool):
         raise BenchError(

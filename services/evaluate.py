@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import time
 from dataclasses import asdict, dataclass
 from typing import Sequence
@@ -46,11 +45,9 @@ def pick_questions(examples, seed: int = 0, skip: int = 0, every: int = 1, limit
     """Distinct answerable questions, shuffled with `seed` as `shardqa bench`
     shuffles them, then ``[skip::every][:limit]``. The benchmark asks the
     first ones of its shuffle, so a large `skip` keeps tuning off them."""
-    from shardqa.services.bench import distinct_questions
+    from shardqa.services.bench import shuffled_questions
 
-    pool = distinct_questions(examples)
-    random.Random(seed).shuffle(pool)
-    return pool[skip::every][:limit]
+    return shuffled_questions(examples, seed)[skip::every][:limit]
 
 
 class _CountingReader:

@@ -118,5 +118,7 @@ def test_a_question_the_service_refuses_scores_as_an_empty_answer(index, reader)
     examples[1] = replace(examples[1], question="x" * 5000)  # over max_question_chars
     ev = evaluate_answers(settings(index), examples, reader=reader, progress=False)
     assert ev.questions == 3 and ev.refused == 1
-    with pytest.raises(Exception, match="refused all 1 questions"):
+    from shardqa.errors import InvalidRequest
+
+    with pytest.raises(InvalidRequest, match="refused all 1 questions"):
         evaluate_answers(settings(index), examples[1:2], reader=reader, progress=False)
