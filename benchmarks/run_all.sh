@@ -9,8 +9,9 @@
 # index version ($STORE, $SHARDS shards); start `shardqa serve` on a free
 # loopback port (embedded Ray, in-process answer cache unless CACHE_URL is
 # set); run `shardqa bench-all` against it (end to end with the naive
-# baseline, reader per backend, eval-route, and a py-spy profile of the
-# service when a target is missed); stop the service. BENCHMARKS.md and
+# baseline, reader per backend, eval-route, one shard call's hop over the
+# service's Ray cluster, and a py-spy profile of the service when a target is
+# missed); stop the service. BENCHMARKS.md and
 # benchmarks/results/ are written by bench-all, never by hand.
 #
 # Environment: PYTHON (default .venv/bin/python), MODEL, BACKEND, SHARDS (4), NUM_CPUS (2), FAST_INGRESS (true),
@@ -80,7 +81,7 @@ stop_service() {
 trap stop_service EXIT
 
 bench_args=(bench-all --url "http://127.0.0.1:$PORT" --questions "$SQUAD" --store "$STORE"
-            --profile-pid "$SERVE_PID" --ready-timeout 900)
+            --profile-pid "$SERVE_PID" --ray-address auto --ready-timeout 900)
 [[ -n "${MODEL:-}" ]] && bench_args+=(--model "$MODEL")
 [[ -n "${BACKEND:-}" ]] && bench_args+=(--backend "$BACKEND")
 [[ -n "${LIMIT:-}" ]] && bench_args+=(--limit "$LIMIT")

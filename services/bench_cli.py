@@ -242,6 +242,21 @@ def run_one_process(result: dict[str, Any], cold_questions: list, per_level: int
             "threads": settings.threads or "library default"}
 
 
+def run_hop(ray_address: str, store: str, model_dir: str, backend: str, calls: int) -> dict[str, Any]:
+    """`bench_hop.measure_hops` on the service's cluster. Never fatal: a
+    failure is reported in place of the figures."""
+    from shardqa.services import bench as B
+    from shardqa.services.bench_hop import measure_hops
+    from shardqa.services.service_config import settings_with
+
+    try:
+        settings = settings_with({"store": store, "model": str(model_dir), "backend": backend, "index_refresh_s": 3600})
+        B._log(f"hop: {calls} calls per row to shard 0 over Ray at {ray_address}")
+        return measure_hops(settings, ray_address=ray_address, calls=calls)
+    except Exception as exc:  # reported, never fatal
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def bench(
@@ -337,6 +352,8 @@ def register(app: typer.Typer) -> None:
         reader_lengths: str = typer.Option("32,64,128,256,384", "--reader-lengths", help="passage lengths for the reader benchmark"),
         reader_backends: str = typer.Option("torch,onnx,onnx-int8", "--reader-backends", help="backends for the reader benchmark"),
         route: bool = typer.Option(True, "--route/--no-route", help="run `shardqa eval-route --json`"),
+        ray_address: Optional[str] = typer.Option(None, "--ray-address", help="the service's Ray cluster (`auto`: the one on this machine): also measure one shard call's hop (Serve handle vs bare Ray vs in-process read)"),
+        hop_calls: int = typer.Option(200, "--hop-calls", min=1, help="timed calls per row of the hop measurement"),
         profile_pid: Optional[int] = typer.Option(None, "--profile-pid", help="the service's process id: py-spy profiles it when a target is missed"),
         profile_seconds: float = typer.Option(20.0, "--profile-seconds", min=1, help="how long to profile"),
         ready_timeout: float = typer.Option(300.0, "--ready-timeout", min=0, help="wait this long for the service's /readyz"),
@@ -369,7 +386,7 @@ def register(app: typer.Typer) -> None:
             raise B.BenchError(f"--backend: unknown {gold_backend}; choose from {', '.join(R.BACKENDS)}")
         qfile = questions or default_questions_file()
         run_info: dict[str, Any] = {"commands": [*(setup_command or []), command_line()]}
-        for stale in ("profile.json", "route.json"):  # never report a figure this run did not produce
+        for stale in ("profile.json", "route.json", "hop.json"):  # never report a figure this run did not produce
             (out / stale).unlink(missing_ok=True)
 
         # 1. End to end over HTTP, with the naive baseline.
@@ -411,7 +428,12 @@ def register(app: typer.Typer) -> None:
                 route_obj = {"command": shown, "error": _last_message(proc.stderr) or f"exit {proc.returncode}"}
             (out / "route.json").write_text(json.dumps(route_obj, indent=2) + "\n", encoding="utf-8")
 
-        # 4. A profile of the service when a target was missed.
+        # 4. What one call to a shard costs beyond its read, with the service idle.
+        if ray_address:
+            (out / "hop.json").write_text(json.dumps(run_hop(ray_address, store or st.store, model_dir, gold_backend, hop_calls),
+                                                     indent=2) + "\n", encoding="utf-8")
+
+        # 5. A profile of the service when a target was missed.
         if any(t["met"] is False for t in result["targets"]) and profile_pid:
             fresh = [q for q in B.distinct_questions(examples) if B.question_key(q.question) not in asked]
             import random

@@ -15,7 +15,7 @@ from typing import Any
 
 from shardqa.services import bench as B
 
-RESULT_FILES = {"bench": "bench.json", "reader": "reader.json", "route": "route.json", "profile": "profile.json"}
+RESULT_FILES = {"bench": "bench.json", "reader": "reader.json", "route": "route.json", "profile": "profile.json", "hop": "hop.json"}
 
 
 def load_results(results_dir: Path) -> dict[str, Any]:
@@ -71,6 +71,25 @@ def route_section(route: dict[str, Any] | None) -> list[str]:
     lines += ["<details><summary>Full <code>eval-route --json</code> output</summary>", "", "```json",
               json.dumps(data, indent=2), "```", "", "</details>", ""]
     return lines
+
+
+def hop_section(hop: dict[str, Any] | None) -> list[str]:
+    if not hop:
+        return ["_One shard call's hop was not measured in the last run_ (`shardqa bench-all --ray-address`, which "
+                "`benchmarks/run_all.sh` passes).", ""]
+    if hop.get("error"):
+        return [f"**The hop measurement failed:** `{hop['error']}`", ""]
+    from shardqa.services.bench_hop import hop_table
+
+    return [
+        f"One call to a shard, {hop['calls']} timed calls per row after the HTTP levels, with the service otherwise idle "
+        f"(`services/bench_hop.py`). The ingress makes at least one such call per uncached question; the difference "
+        f"between the last two rows is what the call adds to a read ({hop['backend']}, the passages of shard "
+        f"{hop['shard']} in turn; the answers of the two differed for {hop['answers_differing']} of them).",
+        "",
+        hop_table(hop),
+        "",
+    ]
 
 
 def profile_section(bench: dict[str, Any] | None, profile: dict[str, Any] | None, md_dir: Path, results_dir: Path) -> list[str]:
@@ -175,6 +194,7 @@ def render(results: dict[str, Any], md_dir: Path, results_dir: Path) -> str:
     parts += route_section(results.get("route"))
 
     parts += ["## Where the time goes", ""]
+    parts += hop_section(results.get("hop"))
     parts += profile_section(bench, results.get("profile"), md_dir, results_dir)
     return "\n".join(parts).rstrip() + "\n"
 

@@ -104,6 +104,31 @@ def test_benchmarks_md_says_when_no_profile_was_taken(tmp_path):
     assert "## Reader only, per backend\n\n_Not run._" in md
 
 
+HOP = {"calls": 200, "shard": 0, "backend": "onnx-int8", "answers_differing": 0, "index_version": "v1", "rows": [
+    {"call": "Ray actor call, no Serve (an empty method)", "p50_ms": 1.31, "p90_ms": 2.0, "n": 200},
+    {"call": "Serve handle call to a deployment that does nothing", "p50_ms": 3.62, "p90_ms": 5.5, "n": 200},
+    {"call": "Serve handle call to shard 0, one passage read", "p50_ms": 19.57, "p90_ms": 26.3, "n": 200},
+    {"call": "the same read in this process (`ShardWorker.answer_batch`)", "p50_ms": 12.08, "p90_ms": 18.57, "n": 200}]}
+
+
+def test_benchmarks_md_shows_the_hop_or_why_it_is_missing(tmp_path):
+    res = _results_dir(tmp_path)
+    md = render({"bench": json.loads((res / "bench.json").read_text())}, tmp_path, res)
+    assert "One shard call's hop was not measured" in md and "--ray-address" in md
+
+    (res / "hop.json").write_text(json.dumps(HOP))
+    md = write_benchmarks_md(res, tmp_path / "BENCHMARKS.md").read_text()
+    section = md.split("## Where the time goes")[1]
+    assert "| Ray actor call, no Serve (an empty method) | 1.31 | 2.00 |" in section
+    assert "| Serve handle call to shard 0, one passage read | 19.57 | 26.30 |" in section
+    assert "200 timed calls per row" in section and "differed for 0 of them" in section
+    assert section.index("| Ray actor call") < section.index("Missed: cached p50")  # the hop before the profile
+
+    (res / "hop.json").write_text(json.dumps({"error": "ConnectionError: no Ray cluster at auto"}))
+    md = write_benchmarks_md(res, tmp_path / "BENCHMARKS.md").read_text()
+    assert "**The hop measurement failed:** `ConnectionError: no Ray cluster at auto`" in md
+
+
 def _py_spy_can_attach() -> str | None:
     exe = P.py_spy()
     if exe is None:

@@ -143,6 +143,23 @@ def replica_actors(deployment: str) -> list[tuple[str, str]]:
     ]
 
 
+def test_the_hop_probe_times_each_layer_of_a_shard_call(service, store_dir):
+    from ray import serve
+
+    from shardqa.services.bench_hop import PROBE_APP, measure_hops
+    from shardqa.services.service_config import settings_with
+
+    settings = settings_with({"store": str(store_dir), "model": str(TINY), "backend": "torch"})
+    hop = measure_hops(settings, calls=6, warmup=1)  # this process is already the cluster's driver
+    calls = [r["call"] for r in hop["rows"]]
+    assert calls[0].startswith("Ray actor call") and calls[1].startswith("Serve handle call to a deployment")
+    assert "no passage" in calls[2] and "one passage" in calls[3] and "in this process" in calls[4]
+    assert all(r["n"] == 6 and 0 < r["p50_ms"] <= r["p90_ms"] for r in hop["rows"])
+    # The handle reached a replica holding the same passages and model as the in-process read.
+    assert hop["answers_differing"] == 0 and hop["passages_cycled"] == 7 and hop["backend"] == "torch"
+    assert PROBE_APP not in serve.status().applications  # the throw-away deployment is gone
+
+
 def test_a_shard_replica_killed_during_a_stream_loses_no_request(service):
     import ray
 
