@@ -219,13 +219,20 @@ def run_bench(
     return result, cold_questions, asked
 
 
+def _reference_settings(store: str, model_dir: str, backend: str):
+    """The service's index, model and backend, for work the benchmark does in
+    its own process; no index refresh during the run."""
+    from shardqa.services.service_config import settings_with
+
+    return settings_with({"store": store, "model": str(model_dir), "backend": backend, "index_refresh_s": 3600})
+
+
 def run_one_process(result: dict[str, Any], cold_questions: list, per_level: int, store: str, model_dir: str, backend: str) -> dict[str, Any]:
     """`shardqa eval-answers` over the reference level's questions (the cold
     levels ask ``per_level`` questions each, in order). Never fatal: a
     failure is reported in place of the figures."""
     from shardqa.services import bench as B
     from shardqa.services.evaluate import evaluate_answers
-    from shardqa.services.service_config import settings_with
 
     ref = B.reference_level(result["levels"])  # always an uncached level, when there is one
     if ref is None:
@@ -233,7 +240,7 @@ def run_one_process(result: dict[str, Any], cold_questions: list, per_level: int
     i = [lv for lv in result["levels"] if lv["cache"] == "cold"].index(ref)
     questions = cold_questions[i * per_level : (i + 1) * per_level]
     try:
-        settings = settings_with({"store": store, "model": str(model_dir), "backend": backend, "index_refresh_s": 3600})
+        settings = _reference_settings(store, model_dir, backend)
         B._log(f"one process: shardqa eval-answers over the {len(questions)} questions of {B._load(ref)}")
         ev = evaluate_answers(settings, questions, progress=False).to_json()
     except Exception as exc:  # reported, never fatal
@@ -247,12 +254,10 @@ def run_hop(ray_address: str, store: str, model_dir: str, backend: str, calls: i
     failure is reported in place of the figures."""
     from shardqa.services import bench as B
     from shardqa.services.bench_hop import measure_hops
-    from shardqa.services.service_config import settings_with
 
     try:
-        settings = settings_with({"store": store, "model": str(model_dir), "backend": backend, "index_refresh_s": 3600})
         B._log(f"hop: {calls} calls per row to shard 0 over Ray at {ray_address}")
-        return measure_hops(settings, ray_address=ray_address, calls=calls)
+        return measure_hops(_reference_settings(store, model_dir, backend), ray_address=ray_address, calls=calls)
     except Exception as exc:  # reported, never fatal
         return {"error": f"{type(exc).__name__}: {exc}"}
 

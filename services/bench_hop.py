@@ -14,6 +14,7 @@ Serve.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from typing import Any
 
@@ -22,11 +23,11 @@ PROBE_QUESTION = "Which year did the university open its first campus outside th
 PROBE_APP = "shardqa-hop-probe"
 
 
-def _stats(ms: list[float]) -> dict[str, float]:
+def _stats(latencies_s: list[float]) -> dict[str, float]:
     from shardqa.services.bench import latency_stats
 
-    out = latency_stats([m / 1000.0 for m in ms])
-    return {"p50_ms": out["p50_ms"], "p90_ms": out["p90_ms"], "n": len(ms)}
+    out = latency_stats(latencies_s)
+    return {"p50_ms": out["p50_ms"], "p90_ms": out["p90_ms"], "n": len(latencies_s)}
 
 
 async def _timed(call, calls: int, warmup: int) -> list[float]:
@@ -36,7 +37,7 @@ async def _timed(call, calls: int, warmup: int) -> list[float]:
     for i in range(calls):
         t0 = time.perf_counter()
         await call(i)
-        out.append((time.perf_counter() - t0) * 1000.0)
+        out.append(time.perf_counter() - t0)
     return out
 
 
@@ -74,9 +75,11 @@ async def _measure(settings, app_name: str, shard: int, calls: int, warmup: int)
 
     rows: list[dict[str, Any]] = []
     actor = Echo.remote()
-    rows.append({"call": "Ray actor call, no Serve (an empty method)",
-                 **_stats(await _timed(lambda i: actor.echo.remote(i), calls, warmup))})
-    ray.kill(actor)
+    try:
+        rows.append({"call": "Ray actor call, no Serve (an empty method)",
+                     **_stats(await _timed(lambda i: actor.echo.remote(i), calls, warmup))})
+    finally:
+        ray.kill(actor)
 
     probe = serve.run(EchoDeployment.bind(), name=PROBE_APP, route_prefix=None)
     try:
@@ -100,13 +103,25 @@ async def _measure(settings, app_name: str, shard: int, calls: int, warmup: int)
         local = worker.answer_batch([query])[0]
         t2 = time.perf_counter()
         if i >= warmup:
-            via.append((t1 - t0) * 1000.0)
-            here.append((t2 - t1) * 1000.0)
+            via.append(t1 - t0)
+            here.append(t2 - t1)
             differ += [a.text for a in remote] != [a.text for a in local]
     rows.append({"call": f"Serve handle call to shard {shard}, one passage read", **_stats(via)})
     rows.append({"call": "the same read in this process (`ShardWorker.answer_batch`)", **_stats(here)})
     return {"rows": rows, "shard": shard, "index_version": version, "backend": reader.backend.name,
             "passages_cycled": min(len(pids), warmup + calls), "answers_differing": differ}
+
+
+def check_reachable(address: str | None, timeout_s: float = 5.0) -> None:
+    """Fail at once when a ``host:port`` Ray address has nothing listening:
+    `ray.init` would otherwise retry the GCS for minutes."""
+    if not address or address == "auto" or "://" in address:
+        return  # `auto` fails fast by itself; ray:// clients have their own timeout
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as exc:
+        raise ConnectionError(f"no Ray cluster at {address}: {exc}") from None
 
 
 def measure_hops(settings, *, ray_address: str | None = None, app_name: str | None = None, shard: int = 0,
@@ -119,6 +134,7 @@ def measure_hops(settings, *, ray_address: str | None = None, app_name: str | No
 
     joined = False
     if not ray.is_initialized():
+        check_reachable(ray_address)
         ray.init(address=ray_address or "auto", namespace="serve", logging_level="ERROR", log_to_driver=False)
         joined = True
     try:

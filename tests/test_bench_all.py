@@ -129,6 +129,16 @@ def test_benchmarks_md_shows_the_hop_or_why_it_is_missing(tmp_path):
     assert "**The hop measurement failed:** `ConnectionError: no Ray cluster at auto`" in md
 
 
+def test_the_hop_fails_at_once_when_nothing_listens_at_the_ray_address():
+    from shardqa.services.bench_cli import run_hop
+
+    port = free_port()  # bound and released: nothing listens there
+    t0 = time.perf_counter()
+    hop = run_hop(f"127.0.0.1:{port}", "no-index", "no-model", "onnx-int8", 3)
+    assert hop["error"].startswith(f"ConnectionError: no Ray cluster at 127.0.0.1:{port}")
+    assert time.perf_counter() - t0 < 30
+
+
 def _py_spy_can_attach() -> str | None:
     exe = P.py_spy()
     if exe is None:
