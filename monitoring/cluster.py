@@ -187,7 +187,11 @@ class ShardQACluster:
         serve_deployments = {}
         details = self.serve_details()
         if details is None:
-            result.problems.append("Ray Serve REST API unreachable through the head service; replica counts unknown")
+            result.problems.append(
+                "Ray Serve REST API unreachable through the head service; replica counts unknown"
+                " (with the chart's NetworkPolicy, allow the API server on port 8265 through"
+                " networkPolicy.dashboardFrom, e.g. an ipBlock of the control plane)"
+            )
         else:
             serve_deployments = ((details.get("applications") or {}).get(APP_NAME) or {}).get("deployments") or {}
         for dep_name in sorted(set(deployments) | set(serve_deployments)):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -99,6 +100,7 @@ MATRIX = {
     "gpu": {
         "gpuWorkers.enabled": True,
         "serve.numGpusPerReplica": 1,
+        "gpuWorkers.replicas": 2,
         "gpuWorkers.gpusPerPod": 2,
         "image.gpuTag": "0.1.0-cuda",
     },
@@ -228,6 +230,110 @@ def test_rayservice_shape(case):
         assert "nvidia.com/gpu" not in json.dumps(cluster)
 
 
+def cpu_quantity(quantity) -> float:
+    """A Kubernetes CPU quantity ("2", 2, "1500m") in CPUs."""
+    text = str(quantity)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def ray_worker_resources(cluster: dict) -> tuple[int, float]:
+    """The CPUs and GPUs Ray has on all worker pods, as KubeRay starts them:
+    rayStartParams when set, else the Ray container's CPU limit (or request)
+    rounded up to an integer and its GPU limit."""
+    cpus, gpus = 0, 0.0
+    for group in cluster["workerGroupSpecs"]:
+        params = group["rayStartParams"]
+        resources = group["template"]["spec"]["containers"][0]["resources"]
+        cpu = params.get("num-cpus") or resources.get("limits", {}).get("cpu") or resources["requests"]["cpu"]
+        gpu = params.get("num-gpus") or resources.get("limits", {}).get("nvidia.com/gpu", 0)
+        cpus += group["replicas"] * math.ceil(cpu_quantity(cpu))
+        gpus += group["replicas"] * float(gpu)
+    return cpus, gpus
+
+
+def test_worker_pods_hold_every_serve_replica(case):
+    """Without the autoscaler the worker pods are all Ray gets: their CPUs and
+    GPUs must hold what the application builder's deployments reserve, or
+    replicas stay pending and the RayService never becomes ready."""
+    from shardqa.services.app import service_config_from_args
+
+    name, values, docs = case
+    if values.get("autoscaling"):
+        return  # the autoscaler adds pods as replicas need them
+    cluster = the(docs, "RayService")["spec"]["rayClusterConfig"]
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    config = service_config_from_args(serve_config(docs)["applications"][0]["args"])
+    cpus, gpus = ray_worker_resources(cluster)
+    assert config.total_cpus <= cpus, f"{name}: {config.total_cpus} CPUs needed, {cpus} on the workers"
+    assert config.total_gpus <= gpus, f"{name}: {config.total_gpus} GPUs needed, {gpus} on the workers"
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (
+            {"cpuWorkers.replicas": 2},
+            "serve needs 5 CPUs (4 shards x 1 replicasPerShard x 1 numCpusPerReplica + 2 ingressReplicas x 0.5)"
+            " but the worker groups give Ray 4 (cpuWorkers: 2 pods x 2 CPUs);"
+            " raise cpuWorkers.replicas or cpuWorkers.resources.limits.cpu",
+        ),
+        ({"serve.replicasPerShard": 2}, "serve needs 9 CPUs"),
+        # KubeRay rounds 1500m up to 2 CPUs a pod.
+        (
+            {"cpuWorkers.replicas": 2, "cpuWorkers.resources.limits.cpu": "1500m"},
+            "give Ray 4 (cpuWorkers: 2 pods x 2 CPUs)",
+        ),
+        (
+            {"gpuWorkers.enabled": True, "serve.numGpusPerReplica": 1, "gpuWorkers.gpusPerPod": 2},
+            "serve needs 4 GPUs (4 shards x 1 replicasPerShard x 1 numGpusPerReplica) but the GPU workers have 2"
+            " (gpuWorkers: 1 pods x 2 gpusPerPod); raise gpuWorkers.replicas or gpuWorkers.gpusPerPod",
+        ),
+    ],
+)
+def test_under_provisioned_workers_fail_with_what_to_raise(values, message):
+    result = run_helm("template", "rel", str(CHART), *set_args(values), check=False)
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        # 3 pods x ceil(1.5) = 6 CPUs for the 5 needed.
+        {"cpuWorkers.resources.limits.cpu": "1500m"},
+        # No limit: KubeRay takes the request (2).
+        {"cpuWorkers.resources.limits": None},
+        # The GPU pods' CPUs count too.
+        {"cpuWorkers.replicas": 1, "gpuWorkers.enabled": True, "gpuWorkers.replicas": 1},
+    ],
+)
+def test_capacity_counts_cpus_as_kuberay_does(values):
+    from shardqa.services.app import service_config_from_args
+
+    docs = render(values)
+    config = service_config_from_args(serve_config(docs)["applications"][0]["args"])
+    cluster = the(docs, "RayService")["spec"]["rayClusterConfig"]
+    cpus, _ = ray_worker_resources(cluster)
+    assert config.total_cpus <= cpus
+    if "cpuWorkers.resources.limits" in values:
+        assert "limits" not in cluster["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]
+
+
+def test_autoscaling_skips_the_capacity_check():
+    docs = render({"autoscaling": True, "cpuWorkers.replicas": 1, "serve.replicasPerShard": 4})
+    cluster = the(docs, "RayService")["spec"]["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert cluster["workerGroupSpecs"][0]["replicas"] == 1
+
+
+@pytest.mark.parametrize("autoscaling", [True, False])
+def test_only_the_autoscaling_head_mounts_the_api_token(autoscaling):
+    docs = render({"autoscaling": autoscaling})
+    assert the(docs, "ServiceAccount")["automountServiceAccountToken"] is False
+    for where, spec in pod_specs(docs):
+        assert spec["automountServiceAccountToken"] is (autoscaling and where.endswith("/head")), where
+
+
 def _pinned_ray_version() -> str:
     import tomllib
 
@@ -237,13 +343,15 @@ def _pinned_ray_version() -> str:
 
 
 def test_every_pod_is_non_root_with_resources_and_probes(case):
-    name, _, docs = case
+    name, values, docs = case
     specs = pod_specs(docs)
     assert specs
     for where, spec in specs:
         assert spec["securityContext"]["runAsNonRoot"] is True, where
         assert spec["securityContext"]["runAsUser"] != 0, where
-        assert spec["automountServiceAccountToken"] is False, where
+        # KubeRay's autoscaler sidecar on the head calls the API with the token.
+        autoscaler_head = where.endswith("/head") and values.get("autoscaling", False)
+        assert spec["automountServiceAccountToken"] is autoscaler_head, where
         for container in spec["containers"]:
             assert container["securityContext"]["allowPrivilegeEscalation"] is False, where
             assert container["securityContext"]["capabilities"]["drop"] == ["ALL"], where
@@ -462,6 +570,7 @@ def test_value_defaults_match_settings():
         ({"redis.mode": "external", "redis.external.host": "r"}, "needs redis.auth.existingSecret"),
         ({"serve.numGpusPerReplica": 1}, "needs gpuWorkers.enabled=true"),
         ({"redis.mode": "cluster", "redis.cluster.nodes": 4}, "at least 3 x (1 + replicasPerMaster)"),
+        ({"redis.maxmemory": "lots"}, "/redis/maxmemory"),
     ],
 )
 def test_bad_values_fail_at_install_time(values, message):
@@ -486,3 +595,175 @@ def test_fast_ingress_sets_serves_haproxy_flag_on_every_ray_pod(fast):
     for name, spec in ray_pods:
         env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
         assert (env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1") is fast, name
+
+
+@pytest.mark.parametrize("kube, ok", [("1.26.9", False), ("1.27.0", True)])
+def test_kubernetes_version_floor(kube, ok):
+    """The worker PDBs' unhealthyPodEvictionPolicy is on by default from 1.27."""
+    result = run_helm("template", "rel", str(CHART), "--kube-version", kube, check=False)
+    assert (result.returncode == 0) is ok, result.stderr
+    if ok:
+        pdbs = by_kind([d for d in yaml.safe_load_all(result.stdout) if d], "PodDisruptionBudget")
+        assert any("unhealthyPodEvictionPolicy" in pdb["spec"] for pdb in pdbs)
+    else:
+        assert "kubeVersion" in result.stderr
+
+
+@pytest.mark.parametrize("tls, scheme", [(True, "rediss+cluster"), (False, "redis+cluster")])
+def test_external_redis_cluster_url_keeps_tls(tls, scheme):
+    from shardqa.redis_url import parse_redis_url
+
+    docs = render({
+        "redis.mode": "external",
+        "redis.external.host": "redis.data.svc",
+        "redis.external.cluster": True,
+        "redis.external.tls": tls,
+        "redis.auth.existingSecret": "shardqa-redis-auth",
+    })
+    env = the(docs, "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+    for name in ("SHARDQA_STORE", "SHARDQA_CACHE_URL"):
+        url = next(e["value"] for e in env if e["name"] == name)
+        assert url == f"{scheme}://:$(REDIS_PASSWORD)@redis.data.svc:6379"
+        parsed = parse_redis_url(url.replace("$(REDIS_PASSWORD)", "pw"))
+        assert parsed.cluster and parsed.ssl is tls
+
+
+def _env_names(spec: dict) -> list[str]:
+    return [e["name"] for e in spec["containers"][0]["env"]]
+
+
+def test_ray_pods_get_only_the_env_their_processes_read():
+    docs = render({"serve.model": "/models/qa", "serve.extraEnv": {"SHARDQA_CACHE_TTL_S": "600"}})
+    specs = dict(pod_specs(docs))
+    redis_env = {"REDIS_PASSWORD", "SHARDQA_STORE", "SHARDQA_CACHE_URL"}
+    for where in ("rel-shardqa/head", "rel-shardqa/cpu"):
+        assert set(_env_names(specs[where])) == redis_env | {
+            "SHARDQA_MODEL", "SHARDQA_CACHE_TTL_S", "RAY_metrics_report_interval_ms"
+        }, where
+    job = specs["Job/rel-shardqa-index"]
+    # The index build reads the shard count (and the model's tokenizer) from its environment.
+    assert set(_env_names(job)) == redis_env | {"SHARDQA_MODEL", "SHARDQA_CACHE_TTL_S", "SHARDQA_SHARDS", "SHARDQA_CORPUS"}
+    assert {"name": "SHARDQA_SHARDS", "value": "4"} in job["containers"][0]["env"]
+
+
+@pytest.fixture(scope="module")
+def default_rayservice():
+    return the(render(), "RayService")
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"serve.ingressReplicas": 3},
+        {"serve.routeK": 8},
+        {"serve.backend": "onnx"},
+        {"serve.shards": 2},
+        {"targets.p50Ms": 25, "targets.p99Ms": 80, "targets.cachedP50Ms": 2.5, "targets.errorRatio": 0.02},
+    ],
+    ids=["ingressReplicas", "routeK", "backend", "shards", "targets"],
+)
+def test_serve_and_target_changes_keep_the_ray_cluster(values, default_rayservice):
+    """KubeRay answers any change of rayClusterConfig with a whole new Ray
+    cluster; what the serve args carry is applied to the running one."""
+    rs = the(render(values), "RayService")
+    assert rs["spec"]["rayClusterConfig"] == default_rayservice["spec"]["rayClusterConfig"]
+    changes_serve = any(key.startswith("serve.") for key in values)
+    assert (rs["spec"]["serveConfigV2"] != default_rayservice["spec"]["serveConfigV2"]) is changes_serve
+
+
+def _dashboard_rules(docs: list[dict]) -> list[dict]:
+    ray = next(p for p in by_kind(docs, "NetworkPolicy") if p["metadata"]["name"] == "rel-shardqa-ray")
+    return [rule for rule in ray["spec"]["ingress"] if any(p["port"] == 8265 for p in rule.get("ports", []))]
+
+
+def test_dashboard_port_open_to_dashboard_from():
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    (operator_rule,) = _dashboard_rules(render())
+    assert operator_rule["from"] == values["networkPolicy"]["operatorFrom"]
+    peer = {"ipBlock": {"cidr": "10.0.0.10/32"}}
+    rules = _dashboard_rules(render({"networkPolicy.dashboardFrom": [peer]}))
+    assert operator_rule in rules
+    (extra,) = [rule for rule in rules if rule != operator_rule]
+    assert extra == {"ports": [{"port": 8265, "protocol": "TCP"}], "from": [peer]}
+    # `shardqa cluster status` names the value when the dashboard is out of reach.
+    assert "networkPolicy.dashboardFrom" in (MONITORING / "cluster.py").read_text()
+    assert values["networkPolicy"]["dashboardFrom"] == []
+
+
+@pytest.mark.parametrize("name", sorted(MATRIX))
+def test_every_pod_pulls_with_the_pull_secrets(name):
+    docs = render({**MATRIX[name], "imagePullSecrets": [{"name": "regcred"}]}, api_versions=(MONITORING_API,))
+    specs = pod_specs(docs)
+    assert specs
+    for where, spec in specs:
+        assert spec.get("imagePullSecrets") == [{"name": "regcred"}], f"{name}: {where}"
+
+
+def test_fractions_from_plain_set():
+    """helm --set passes 0.5 as a string (only integers and booleans are
+    converted); the chart takes it and renders numbers."""
+    settings = [
+        "gpuWorkers.enabled=true",
+        "gpuWorkers.replicas=2",
+        "serve.numGpusPerReplica=0.5",
+        "serve.numCpusPerReplica=0.5",
+        "serve.batchWaitTimeoutS=0.002",
+        "targets.errorRatio=0.02",
+        "targets.cachedP50Ms=2.5",
+    ]
+    set_flags = [flag for setting in settings for flag in ("--set", setting)]
+    result = run_helm("template", "rel", str(CHART), "--api-versions", MONITORING_API, *set_flags)
+    docs = [d for d in yaml.safe_load_all(result.stdout) if d]
+    args = serve_config(docs)["applications"][0]["args"]
+    assert (args["num_gpus_per_replica"], args["num_cpus_per_replica"], args["batch_wait_timeout_s"]) == (0.5, 0.5, 0.002)
+    assert all(isinstance(args[k], float) for k in ("num_gpus_per_replica", "num_cpus_per_replica", "batch_wait_timeout_s"))
+    rules = {
+        (r["record"], r.get("labels", {}).get("cached")): r["expr"]
+        for r in the(docs, "PrometheusRule")["spec"]["groups"][0]["rules"]
+        if r.get("labels", {}).get("quantile") != "0.99"
+    }
+    assert rules[("shardqa:target_error_ratio", None)] == "vector(0.02)"
+    assert rules[("shardqa:target_latency_seconds", "true")] == "vector(0.0025)"
+
+
+@pytest.mark.parametrize(
+    "setting, path",
+    [
+        ("serve.numGpusPerReplica=-0.5", "/serve/numGpusPerReplica"),
+        ("serve.numCpusPerReplica=half", "/serve/numCpusPerReplica"),
+        ("serve.batchWaitTimeoutS=1.5", "/serve/batchWaitTimeoutS"),
+        ("targets.errorRatio=1.5", "/targets/errorRatio"),
+        ("targets.errorRatio=0.0", "/targets/errorRatio"),
+        ("targets.p99Ms=0.0", "/targets/p99Ms"),
+    ],
+)
+def test_fractions_from_plain_set_keep_their_range(setting, path):
+    result = run_helm("template", "rel", str(CHART), "--set", setting, check=False)
+    assert result.returncode != 0
+    assert path in result.stderr
+
+
+def _redis_conf(docs: list[dict]) -> list[str]:
+    config = next(cm for cm in by_kind(docs, "ConfigMap") if cm["metadata"]["name"] == "rel-shardqa-redis-config")
+    return [line.strip() for line in config["data"]["redis.conf"].splitlines()]
+
+
+def _bytes(quantity: str) -> int:
+    """Redis (1600mb) or Kubernetes (2Gi) memory sizes; both units are powers of 1024 here."""
+    number = int("".join(c for c in quantity if c.isdigit()))
+    unit = quantity.lstrip("0123456789").lower().rstrip("bi")
+    return number * 1024 ** {"": 0, "k": 1, "m": 2, "g": 3}[unit]
+
+
+def test_redis_evicts_cache_entries_before_its_memory_limit():
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["redis"]
+    assert _bytes(values["maxmemory"]) < _bytes(values["resources"]["limits"]["memory"])
+    default = render()
+    conf = _redis_conf(default)
+    # Answer-cache keys carry a TTL, index keys none: only the cache is evicted.
+    assert f"maxmemory {values['maxmemory']}" in conf and "maxmemory-policy volatile-lru" in conf
+    custom = render({"redis.mode": "cluster", "redis.maxmemory": "3gb"})
+    assert "maxmemory 3gb" in _redis_conf(custom)
+    # Redis reads its config at start only: a new limit rolls the pods.
+    checksum = lambda docs: the(docs, "StatefulSet")["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+    assert checksum(render({"redis.maxmemory": "1gb"})) != checksum(default)

@@ -78,7 +78,7 @@ redis+cluster://:$(REDIS_PASSWORD)@{{ join "," $nodes }}
 {{- else -}}
 {{- $e := $r.external -}}
 {{- if $e.cluster -}}
-redis+cluster://:$(REDIS_PASSWORD)@{{ $e.host }}:{{ $e.port }}
+{{ ternary "rediss+cluster" "redis+cluster" $e.tls }}://:$(REDIS_PASSWORD)@{{ $e.host }}:{{ $e.port }}
 {{- else -}}
 {{ ternary "rediss" "redis" $e.tls }}://:$(REDIS_PASSWORD)@{{ $e.host }}:{{ $e.port }}/{{ $e.db }}
 {{- end -}}
@@ -100,23 +100,13 @@ redis+cluster://:$(REDIS_PASSWORD)@{{ $e.host }}:{{ $e.port }}
 {{- end }}
 {{- end }}
 
-{{/* Settings every shardqa process of the release runs with. */}}
+{{/* Env of the Ray pods: what their processes read and the serve args do
+not carry. Everything here is part of rayClusterConfig, whose every change
+makes KubeRay bring up a whole new RayCluster, so settings that the serve args
+carry (shards, backend, route_k, ingress replicas) or that only the benchmark
+reads (targets) stay out. */}}
 {{- define "shardqa.env" -}}
 {{ include "shardqa.redis.env" . }}
-- name: SHARDQA_SHARDS
-  value: {{ .Values.serve.shards | quote }}
-- name: SHARDQA_BACKEND
-  value: {{ .Values.serve.backend | quote }}
-- name: SHARDQA_ROUTE_K
-  value: {{ .Values.serve.routeK | quote }}
-- name: SHARDQA_INGRESS_REPLICAS
-  value: {{ .Values.serve.ingressReplicas | quote }}
-- name: SHARDQA_TARGET_P50_MS
-  value: {{ .Values.targets.p50Ms | quote }}
-- name: SHARDQA_TARGET_P99_MS
-  value: {{ .Values.targets.p99Ms | quote }}
-- name: SHARDQA_TARGET_CACHED_P50_MS
-  value: {{ .Values.targets.cachedP50Ms | quote }}
 {{- with .Values.serve.model }}
 - name: SHARDQA_MODEL
   value: {{ . | quote }}
@@ -153,6 +143,23 @@ securityContext:
   {{- include "shardqa.securityContext" $root | nindent 2 }}
 volumeMounts:
   - {name: ray-logs, mountPath: /tmp/ray}
+{{- end }}
+
+{{/* A Kubernetes CPU quantity ("2", 2, "1500m", 0.5) as a number: what
+KubeRay reads from a worker's container to set its num-cpus. */}}
+{{- define "shardqa.cpuQuantity" -}}
+{{- $q := toString . -}}
+{{- $units := dict "m" 0.001 "k" 1e3 "M" 1e6 "G" 1e9 "T" 1e12 "P" 1e15 "E" 1e18 "Ki" 1024.0 "Mi" 1048576.0 "Gi" 1073741824.0 "Ti" 1099511627776.0 "Pi" 1125899906842624.0 "Ei" 1152921504606846976.0 -}}
+{{- $unit := regexFind "[a-zA-Z]+$" $q -}}
+{{- if not (regexMatch "^[0-9]+(\\.[0-9]+)?[a-zA-Z]*$" $q) -}}
+{{- fail (printf "cannot read the CPU quantity %q" $q) -}}
+{{- else if not $unit -}}
+{{- float64 $q -}}
+{{- else if hasKey $units $unit -}}
+{{- mulf (trimSuffix $unit $q) (index $units $unit) -}}
+{{- else -}}
+{{- fail (printf "cannot read the CPU quantity %q" $q) -}}
+{{- end -}}
 {{- end }}
 
 {{/* Security ---------------------------------------------------------------- */}}
@@ -216,6 +223,9 @@ spec:
             {{- end }}
           env:
             {{- include "shardqa.env" . | nindent 12 }}
+            # After extraEnv, so the index always has serve.shards shards.
+            - name: SHARDQA_SHARDS
+              value: {{ .Values.serve.shards | quote }}
             - name: SHARDQA_CORPUS
               value: {{ .Values.index.corpus | quote }}
           terminationMessagePolicy: File
