@@ -1,11 +1,17 @@
 """The answer cache: Redis when a URL is configured, else in-process.
 
-* Keys are a hash of (index version, normalised question, top_k): user text
-  never appears in key names, and answers of one index version can never be
-  served for another.
+* Keys are a hash of (serving scope, normalised question, top_k): user text
+  never appears in key names. The scope names the index version, the model
+  and the settings that decide an answer, so answers of one index version,
+  model or reading configuration are never served for another.
+* The question is made canonical once (`canonical_question`), and that one
+  string is what the tokenizer, the router and the key all see: two questions
+  share a key only when the service would answer them identically.
 * Single-flight: concurrent misses for one key run inference once. Within a
-  process, waiters share one future; across ingress replicas, a short Redis
-  lock (SET NX PX) makes the others wait for the value instead of computing.
+  process, callers share one task, which runs to the end even when the caller
+  that started it goes away (a client hanging up must not fail the others);
+  across ingress replicas, a short Redis lock (SET NX PX, released only by
+  its owner) makes the others wait for the value instead of computing.
 * The cache is an optimisation, never a dependency: every Redis call has a
   deadline, and an error or timeout makes the request go uncached (counted as
   a cache "error"). After a failure Redis is left alone for a short back-off
@@ -15,9 +21,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import re
+import secrets
 import time
 import unicodedata
 from collections import OrderedDict
@@ -33,18 +41,40 @@ KEY_PREFIX = "shardqa:answer:"
 LOCK_PREFIX = "shardqa:answer-lock:"
 
 _SPACES = re.compile(r"\s+")
+_UNLOCK_SCRIPT = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+
+
+def canonical_question(question: str) -> str:
+    """The text the service answers: NFC, control characters read as spaces,
+    invisible format characters (zero-width space, soft hyphen, BOM) dropped,
+    runs of whitespace as one space, trimmed.
+
+    The tokenizer would drop a control character between two words and so
+    join them, and the router does not normalise Unicode at all: keyed on a
+    looser form than they read, one question could fill the cache with the
+    answer to another."""
+    q = unicodedata.normalize("NFC", question)
+    if not q.isprintable():  # most questions have nothing to replace
+        q = "".join(_replacement(c) for c in q)
+    return _SPACES.sub(" ", q).strip()
+
+
+def _replacement(c: str) -> str:
+    category = unicodedata.category(c)
+    return " " if category == "Cc" else "" if category == "Cf" else c
 
 
 def normalise_question(question: str, lowercase: bool) -> str:
-    """The form of a question that decides its answer: surrounding and repeated
-    whitespace never change it; case only when the model ignores case."""
-    q = _SPACES.sub(" ", unicodedata.normalize("NFC", question)).strip()
+    """The key form of a question: canonical, and case-folded only when every
+    stage that reads it ignores case."""
+    q = canonical_question(question)
     return q.lower() if lowercase else q
 
 
-def cache_key(index_version: str, normalised_question: str, top_k: int) -> str:
+def cache_key(index_version: str, normalised_question: str, top_k: int, scope: str = "") -> str:
+    """``scope`` names what else decides an answer: the model and the reading settings."""
     digest = hashlib.blake2b(
-        f"{index_version}\x00{top_k}\x00{normalised_question}".encode(), digest_size=20
+        f"{index_version}\x00{scope}\x00{top_k}\x00{normalised_question}".encode(), digest_size=20
     ).hexdigest()
     return digest
 
@@ -52,8 +82,15 @@ def cache_key(index_version: str, normalised_question: str, top_k: int) -> str:
 class CacheBackend(Protocol):
     async def get(self, key: str) -> bytes | None: ...
     async def set(self, key: str, value: bytes, ttl_s: int) -> None: ...
-    async def try_lock(self, key: str, ttl_ms: int) -> bool: ...
-    async def unlock(self, key: str) -> None: ...
+    async def try_lock(self, key: str, ttl_ms: int) -> str | None:
+        """A token proving ownership when the lock was taken, else None."""
+        ...
+
+    async def unlock(self, key: str, token: str) -> None:
+        """Release the lock only if `token` still owns it."""
+        ...
+
+    async def lock_held(self, key: str) -> bool: ...
     async def ping(self) -> None: ...
     async def close(self) -> None: ...
 
@@ -89,11 +126,14 @@ class MemoryBackend:
         while len(self._data) > self.max_entries:
             self._data.popitem(last=False)
 
-    async def try_lock(self, key: str, ttl_ms: int) -> bool:
-        return True  # the in-process single-flight already covers one process
+    async def try_lock(self, key: str, ttl_ms: int) -> str | None:
+        return "local"  # the in-process single-flight already covers one process
 
-    async def unlock(self, key: str) -> None:
+    async def unlock(self, key: str, token: str) -> None:
         return None
+
+    async def lock_held(self, key: str) -> bool:
+        return False
 
     async def ping(self) -> None:
         return None
@@ -135,11 +175,18 @@ class RedisBackend:
     async def set(self, key: str, value: bytes, ttl_s: int) -> None:
         await self._connect().set(KEY_PREFIX + key, value, ex=ttl_s)
 
-    async def try_lock(self, key: str, ttl_ms: int) -> bool:
-        return bool(await self._connect().set(LOCK_PREFIX + key, b"1", nx=True, px=ttl_ms))
+    async def try_lock(self, key: str, ttl_ms: int) -> str | None:
+        token = secrets.token_hex(8)
+        taken = await self._connect().set(LOCK_PREFIX + key, token.encode(), nx=True, px=ttl_ms)
+        return token if taken else None
 
-    async def unlock(self, key: str) -> None:
-        await self._connect().delete(LOCK_PREFIX + key)
+    async def unlock(self, key: str, token: str) -> None:
+        # A holder slower than the lock's TTL must not delete the lock another
+        # replica has taken since: delete only while the value is our token.
+        await self._connect().eval(_UNLOCK_SCRIPT, 1, LOCK_PREFIX + key, token)
+
+    async def lock_held(self, key: str) -> bool:
+        return bool(await self._connect().exists(LOCK_PREFIX + key))
 
     async def ping(self) -> None:
         await self._connect().ping()
@@ -166,7 +213,7 @@ class AnswerCache:
         self.lock_ttl_ms = lock_ttl_ms
         self.retry_after_s = retry_after_s
         self._down_until = 0.0
-        self._inflight: dict[str, asyncio.Future[bytes]] = {}
+        self._inflight: dict[str, asyncio.Future[tuple[bytes, bool]]] = {}
 
     @classmethod
     def from_url(cls, url: str | None, ttl_s: int, timeout_s: float) -> "AnswerCache":
@@ -222,39 +269,46 @@ class AnswerCache:
         return await self.compute_once(key, compute)
 
     async def compute_once(self, key: str, compute: Callable[[], Awaitable[bytes]]) -> CacheResult:
-        running = self._inflight.get(key)
-        if running is not None:
-            return CacheResult(await asyncio.shield(running), shared=True)
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
-        locked = False
+        task = self._inflight.get(key)
+        joined = task is not None
+        if task is None:
+            task = asyncio.ensure_future(self._fill(key, compute))
+            self._inflight[key] = task
+            task.add_done_callback(functools.partial(self._finished, key))
+        # Shielded: a caller cancelled (its client hung up) stops waiting,
+        # while the computation goes on for the other callers and the cache.
+        value, computed = await asyncio.shield(task)
+        return CacheResult(value, shared=joined or not computed)
+
+    def _finished(self, key: str, task: asyncio.Future) -> None:
+        if self._inflight.get(key) is task:
+            del self._inflight[key]
+        if not task.cancelled():
+            # Retrieved here, so a failure whose callers all went away is
+            # not logged as "exception was never retrieved".
+            task.exception()
+
+    async def _fill(self, key: str, compute: Callable[[], Awaitable[bytes]]) -> tuple[bytes, bool]:
+        """The value, and whether this process computed it (not a peer)."""
+        token = None
         try:
             if self.backend.shared:
-                ok, locked = await self._call(self.backend.try_lock(key, self.lock_ttl_ms), "lock")
-                if ok and not locked:
+                ok, token = await self._call(self.backend.try_lock(key, self.lock_ttl_ms), "lock")
+                if ok and token is None:
                     value = await self._wait_for_peer(key)
                     if value is not None:
-                        future.set_result(value)
-                        return CacheResult(value, shared=True)
+                        return value, False
             value = await compute()
             await self._call(self.backend.set(key, value, self.ttl_s), "set")
-            future.set_result(value)
-            return CacheResult(value, shared=False)
-        except BaseException as exc:
-            if not future.done():
-                future.set_exception(exc)
-                # Waiters re-raise it; retrieve it here so an unshared failure
-                # does not log "exception was never retrieved".
-                future.exception()
-            raise
+            return value, True
         finally:
-            del self._inflight[key]
-            if locked:
-                await self._call(self.backend.unlock(key), "unlock")
+            if token is not None:
+                await self._call(self.backend.unlock(key, token), "unlock")
 
     async def _wait_for_peer(self, key: str) -> bytes | None:
-        """Another process holds the lock: poll for its value until the lock
-        would have expired; None means compute it here after all."""
+        """Another process holds the lock: poll for its value while it holds
+        the lock; None means compute it here after all (the peer failed, or
+        its lock expired)."""
         deadline = time.monotonic() + self.lock_ttl_ms / 1000
         delay = 0.002
         while time.monotonic() < deadline:
@@ -265,6 +319,11 @@ class AnswerCache:
                 return None
             if value is not None:
                 return value
+            ok, held = await self._call(self.backend.lock_held(key), "lock check")
+            if not ok or not held:
+                # One more read: the peer may have stored the value between the two calls.
+                ok, value = await self._call(self.backend.get(key), "get")
+                return value if ok else None
         return None
 
     async def close(self) -> None:

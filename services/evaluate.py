@@ -19,8 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-#: The settings that decide which passages are read and how answers are ranked.
-READING_SETTINGS = ("route_k", "route_min_relative_score", "read_first_stop_logit", "merge_route_weight", "route_dense_skip_gap")
+from shardqa.services.qa_service import READING_SETTINGS
 
 
 @dataclass(frozen=True)

@@ -13,17 +13,19 @@ then does the view switch — in one assignment, so no request ever mixes two.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from itertools import chain
 
 from shardqa.config import Settings
-from shardqa.errors import InvalidRequest, ServiceUnavailable, ShardQAError, TokenizerMismatch
+from shardqa.errors import InvalidQuestion, InvalidRequest, ServiceUnavailable, ShardQAError, TokenizerMismatch
 from shardqa.monitoring import metrics
-from shardqa.services.answer_cache import AnswerCache, cache_key, normalise_question
+from shardqa.services.answer_cache import AnswerCache, cache_key, canonical_question
 from shardqa.services.questions import QuestionChecker
 from shardqa.services.shard_client import ShardClient
 from shardqa.services.shard_worker import ShardQuery
@@ -31,12 +33,22 @@ from shardqa.types import Answer
 
 log = logging.getLogger(__name__)
 
+#: The settings that decide which passages are read and how answers are ranked.
+READING_SETTINGS = ("route_k", "route_min_relative_score", "read_first_stop_logit", "merge_route_weight", "route_dense_skip_gap")
+
 
 @dataclass(frozen=True)
 class IndexView:
     version: str
     manifest: object  # shardqa.preprocessing.store.IndexManifest
     router: object  # shardqa.router.Router
+    #: What besides the index version decides an answer (the shards' model,
+    #: the router's encoder, the reading settings), hashed into cache keys:
+    #: ingress replicas sharing one Redis across a redeploy never serve the
+    #: old configuration's answers.
+    scope: str = ""
+    #: Whether every stage that reads a question ignores case, so cache keys may fold it.
+    folds_case: bool = False
 
 
 @dataclass(frozen=True)
@@ -88,6 +100,10 @@ class QAService:
         #: A version found unservable (other shard count or tokenizer) and why;
         #: not retried until the store's current version changes.
         self._refused: tuple[str, str] | None = None
+        # Tokenising and routing (BM25, PageRank, the dense encoder: ms of
+        # CPU) run here, not on the event loop, which keeps serving cache
+        # hits, /readyz and /metrics meanwhile.
+        self._route_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="route")
 
     @classmethod
     def create(cls, settings: Settings, shards: ShardClient) -> "QAService":
@@ -125,6 +141,7 @@ class QAService:
         if self._refresher is not None:
             self._refresher.cancel()
         await self.cache.close()
+        self._route_pool.shutdown(wait=False)
 
     async def _refresh_loop(self) -> None:
         last_problem = ""
@@ -169,6 +186,7 @@ class QAService:
             # Every shard holds the new version before any request uses it.
             statuses = await asyncio.gather(*(self.shards.prepare(s, version) for s in range(shards)))
             self.model_id = statuses[0].model_id
+            view = replace(view, scope=self._scope(view, statuses[0].model_fingerprint or self.model_id))
             old, self.view = self.view, view
             self.view_problem = ""
             metrics.set_index_info(version, self.model_id, shards)
@@ -181,7 +199,17 @@ class QAService:
         # The router refuses an index tokenised with another tokenizer than
         # the one the ingress tokenises questions with.
         router = Router.from_store(self.store, version, tokenizer=self.checker.tokenizer, settings=self.settings)
-        return IndexView(version, self.store.manifest(version), router)
+        encoder = getattr(router, "encoder", None)
+        # The router's terms are lower-cased; the reader's and the encoder's
+        # tokenizers say for themselves.
+        folds_case = self.checker.case_insensitive and (encoder is None or encoder.tokenizer.folds_case)
+        return IndexView(version, self.store.manifest(version), router, folds_case=folds_case)
+
+    def _scope(self, view: IndexView, model_fingerprint: str) -> str:
+        encoder = getattr(view.router, "encoder", None)
+        parts = [model_fingerprint, encoder.fingerprint if encoder is not None else "lexical"]
+        parts += [f"{name}={getattr(self.settings, name)!r}" for name in READING_SETTINGS]
+        return hashlib.blake2b("\x00".join(parts).encode(), digest_size=12).hexdigest()
 
     def current_view(self) -> IndexView:
         view = self.view
@@ -195,13 +223,21 @@ class QAService:
         if not 1 <= top_k <= self.settings.max_top_k:
             raise InvalidRequest(f"top_k must be between 1 and {self.settings.max_top_k}")
 
+    def _canonical(self, question: str) -> str:
+        """The checked question as every stage reads it (answer_cache.canonical_question)."""
+        self.checker.check_text(question)
+        text = canonical_question(question)
+        if not text:
+            raise InvalidQuestion("the question is empty (it has only control or invisible characters)")
+        return text
+
     async def answer(self, question: str, top_k: int = 1) -> Outcome:
         t0 = time.perf_counter()
-        self.checker.check_text(question)
+        text = self._canonical(question)
         self._check_top_k(top_k)
         view = self.current_view()
         metrics.record_stage("validate", time.perf_counter() - t0)
-        return await self._answer_checked(view, question, top_k)
+        return await self._answer_checked(view, text, top_k)
 
     async def answer_many(self, questions: list[str], top_k: int = 1) -> list[Outcome]:
         t0 = time.perf_counter()
@@ -209,37 +245,43 @@ class QAService:
             raise InvalidRequest("questions must not be empty")
         if len(questions) > self.settings.max_batch_questions:
             raise InvalidRequest(f"at most {self.settings.max_batch_questions} questions per batch call")
+        texts = []
         for i, q in enumerate(questions):
             try:
-                self.checker.check_text(q)
+                texts.append(self._canonical(q))
             except ShardQAError as exc:
-                raise type(exc)(f"questions[{i}]: {exc}") from None
+                raise _at_position(exc, i) from None
         self._check_top_k(top_k)
         view = self.current_view()
         metrics.record_stage("validate", time.perf_counter() - t0)
         # Each question takes the single-question path; the shards' dynamic
         # batching turns the concurrent calls into batched forward passes.
-        return list(await asyncio.gather(*(self._answer_checked(view, q, top_k, i) for i, q in enumerate(questions))))
+        return list(await asyncio.gather(*(self._answer_checked(view, q, top_k, i) for i, q in enumerate(texts))))
 
-    async def _answer_checked(self, view: IndexView, question: str, top_k: int, position: int | None = None) -> Outcome:
-        key = cache_key(view.version, normalise_question(question, self.checker.case_insensitive), top_k)
+    async def _answer_checked(self, view: IndexView, text: str, top_k: int, position: int | None = None) -> Outcome:
+        """`text` is canonical: the key is made from exactly what the stages read."""
+        key = cache_key(view.version, text.lower() if view.folds_case else text, top_k, view.scope)
         try:
-            result = await self.cache.get_or_compute(key, lambda: self._infer(view, question, top_k))
+            result = await self.cache.get_or_compute(key, lambda: self._infer(view, text, top_k))
         except ShardQAError as exc:
             if position is None:
                 raise
-            raise type(exc)(f"questions[{position}]: {exc}") from None
+            raise _at_position(exc, position) from None
         return Outcome(result.value, result.shared, view.version)
 
-    async def _infer(self, view: IndexView, question: str, top_k: int) -> bytes:
+    def _tokenize_and_route(self, view: IndexView, question: str):
         t0 = time.perf_counter()
         tokens = self.checker.tokenize(question)
         t1 = time.perf_counter()
         metrics.record_stage("tokenize", t1 - t0)
-
         route = view.router.route(question, self.settings.route_k)
+        metrics.record_stage("route", time.perf_counter() - t1)
+        return tokens, route
+
+    async def _infer(self, view: IndexView, question: str, top_k: int) -> bytes:
+        loop = asyncio.get_running_loop()
+        tokens, route = await loop.run_in_executor(self._route_pool, self._tokenize_and_route, view, question)
         t2 = time.perf_counter()
-        metrics.record_stage("route", t2 - t1)
         metrics.record_route(route.dense)
         if route.passages:
             metrics.record_route_score(route.passages[0].score)
@@ -343,6 +385,12 @@ def merge_answers(answers, route, top_k: int, route_weight: float) -> list[Answe
     (docs/serving.md has the later measurements)."""
     best = max((p.score for p in route.passages), default=0.0)
     prior = {p.passage_id: (p.score / best if best > 0 else 0.0) for p in route.passages}
+    # A short window's candidate list is padded, as the reference pads it,
+    # with spans of probability 0 (reversed or the [CLS] position, empty
+    # text); their margin of about 0 would outrank every real span with a
+    # negative one. The null answer ([CLS], no passage) stays when the reader
+    # offers it on purpose (handle_impossible_answer).
+    answers = [a for a in answers if not a.passage_id or (a.score > 0 and a.text.strip())]
     keyed = sorted(((a.logit + route_weight * prior.get(a.passage_id, 0.0), a) for a in answers),
                    key=lambda ka: ka[0], reverse=True)
     distinct, seen = [], set()
@@ -359,6 +407,11 @@ def merge_answers(answers, route, top_k: int, route_weight: float) -> list[Answe
     weights = [math.exp(k - top) for k, _ in distinct]
     total = sum(weights)
     return [replace(a, score=w / total) for (_, a), w in zip(distinct[:top_k], weights)]
+
+
+def _at_position(exc: ShardQAError, position: int) -> ShardQAError:
+    """The same error, its message naming the batch item it came from."""
+    return type(exc)(f"questions[{position}]: {exc}")
 
 
 def passages_to_read(passages, min_relative_score: float):

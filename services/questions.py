@@ -26,9 +26,8 @@ class QuestionChecker:
         self.tokenizer = tokenizer
         self.max_chars = max_chars
         self.max_tokens = max_tokens
-        # An uncased tokenizer maps "Who" and "who" to the same ids, so the
-        # answer cache may fold case too; a cased one must not.
-        self.case_insensitive = bool((tokenizer.tokenize("Who Paris").ids == tokenizer.tokenize("who paris").ids).all())
+        # An uncased tokenizer lets the answer cache fold case; a cased one must not.
+        self.case_insensitive = tokenizer.folds_case
 
     @classmethod
     def for_settings(cls, settings: Settings, tokenizer: TextTokenizer) -> "QuestionChecker":
@@ -54,4 +53,8 @@ class QuestionChecker:
             raise QuestionTooLong(f"the question has {len(tokens)} tokens; this model allows {self.max_tokens}")
         if len(tokens) == 0:
             raise InvalidQuestion("the question has no tokens the model knows")
+        if not self.tokenizer.has_known_word(question, tokens):
+            # Emoji or a script outside the vocabulary become [UNK]: the model
+            # would answer something with confidence, about nothing.
+            raise InvalidQuestion("the question has no word the model knows (only unknown symbols or punctuation)")
         return tokens

@@ -55,10 +55,14 @@ def passage_from_text(tokenizer: TextTokenizer, text: str, passage_id: str = "co
 
 
 class Reader:
-    def __init__(self, tokenizer: TextTokenizer, backend, model_id: str, *, max_seq_len: int, doc_stride: int, max_answer_len: int, max_question_len: int, max_question_chars: int, handle_impossible_answer: bool, max_batch_windows: int = 64):
+    def __init__(self, tokenizer: TextTokenizer, backend, model_id: str, *, max_seq_len: int, doc_stride: int, max_answer_len: int, max_question_len: int, max_question_chars: int, handle_impossible_answer: bool, max_batch_windows: int = 64, fingerprint: str = ""):
         self.tokenizer = tokenizer
         self.backend = backend
         self.model_id = model_id
+        #: What decides this reader's answers: the weights (a retrained model
+        #: may keep its name), the backend, and the window settings.
+        self.fingerprint = fingerprint or f"{model_id}/{getattr(backend, 'name', '')}"
+        self.fingerprint += f"/{max_seq_len}/{doc_stride}/{max_answer_len}/{int(handle_impossible_answer)}"
         self.max_seq_len = max_seq_len
         self.doc_stride = doc_stride
         self.max_answer_len = max_answer_len
@@ -70,7 +74,7 @@ class Reader:
 
     @classmethod
     def load(cls, model: str | Path | None = None, backend: str | None = None, *, settings: Settings | None = None, max_seq_len: int | None = None, doc_stride: int | None = None, max_answer_len: int | None = None, handle_impossible_answer: bool | None = None, threads: int | None = None, providers: list[str] | None = None, device: str | None = None) -> "Reader":
-        from shardqa.services.backends import load_backend, resolve_device
+        from shardqa.services.backends import load_backend, model_hash, resolve_device
 
         s = settings or get_settings()
         model_dir = resolve_model_dir(str(model or s.model), s.cache_dir)
@@ -95,6 +99,7 @@ class Reader:
             tokenizer,
             be,
             model_id=_model_id(model_dir),
+            fingerprint=f"{_model_id(model_dir)}@{model_hash(model_dir)}/{be.name}",
             max_seq_len=seq,
             doc_stride=stride,
             max_answer_len=max_answer_len or s.max_answer_len,

@@ -10,7 +10,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol, Sequence
 
-from shardqa.errors import ServiceUnavailable
+from shardqa.errors import ServiceUnavailable, ShardQAError
 from shardqa.services.shard_worker import ShardQuery, ShardStatus, ShardWorker
 from shardqa.types import Answer
 
@@ -73,6 +73,7 @@ class ServeShards:
         self._lost = tuple(
             e for e in (getattr(rex, n, None) for n in ("RayActorError", "ActorUnavailableError", "ActorDiedError")) if e is not None
         )
+        self._task_error = rex.RayTaskError
 
     async def _call(self, shard: int, method: str, *args, timeout_s: float | None = None):
         deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.retry_deadline_s)
@@ -92,6 +93,14 @@ class ServeShards:
                 delay = min(delay * 2, 1.0)
             except asyncio.TimeoutError:
                 raise ServiceUnavailable(f"shard {shard} did not answer within {timeout_s:.1f}s") from None
+            except self._task_error as exc:
+                # Ray wraps a replica's exception in a class that is both
+                # RayTaskError and the original, whose message is the remote
+                # traceback: re-raise shardqa's own error, with its own message.
+                cause = getattr(exc, "cause", None)
+                if isinstance(cause, ShardQAError):
+                    raise cause from None
+                raise
 
     async def answer(self, shard: int, query: ShardQuery) -> list[Answer]:
         return await self._call(shard, "answer", query)

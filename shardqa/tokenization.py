@@ -59,8 +59,11 @@ class TextTokenizer:
         self.cls_id = hf_tokenizer.cls_token_id
         self.question_first = hf_tokenizer.padding_side == "right"
         self.model_max_length = int(min(getattr(hf_tokenizer, "model_max_length", 512) or 512, 10**6))
+        self.unk_id = hf_tokenizer.unk_token_id
         self.template = self._read_template()
         self.fingerprint = self._fingerprint()
+        # An uncased tokenizer maps "Who" and "who" to the same ids.
+        self.folds_case = bool(np.array_equal(self.tokenize("Who Paris").ids, self.tokenize("who paris").ids))
 
     @classmethod
     def from_pretrained(cls, model: str | Path) -> "TextTokenizer":
@@ -75,6 +78,15 @@ class TextTokenizer:
     def tokenize(self, text: str) -> TokenizedText:
         enc = self.backend.encode(text, add_special_tokens=False)
         return _to_tokenized(enc)
+
+    def has_known_word(self, text: str, tokens: TokenizedText) -> bool:
+        """Whether any token of ``text`` is a vocabulary word: not the unknown
+        token, and spelling a letter or digit (punctuation alone says nothing
+        a passage could answer)."""
+        for tid, (a, b) in zip(tokens.ids.tolist(), tokens.offsets.tolist()):
+            if tid != self.unk_id and any(c.isalnum() for c in text[a:b]):
+                return True
+        return False
 
     def tokenize_many(self, texts: list[str]) -> list[TokenizedText]:
         return [_to_tokenized(e) for e in self.backend.encode_batch(texts, add_special_tokens=False)]

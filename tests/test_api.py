@@ -46,6 +46,7 @@ def assert_error(response, status: int, code: str):
     [
         ({"question": ""}, 400, "invalid_question"),
         ({"question": "   \n"}, 400, "invalid_question"),
+        ({"question": "\x00\x01\u200b"}, 400, "invalid_question"),
         ({"question": "why? " * 100}, 400, "question_too_long"),
         ({"question": 42}, 422, "validation_error"),
         ({"question": None}, 422, "validation_error"),
@@ -158,6 +159,59 @@ def test_merge_ranks_on_span_logit_plus_route_prior_and_drops_repeated_texts():
     assert len(merge_answers(answers, route, 1, route_weight=4.0)) == 1
 
 
+def test_merge_drops_the_zero_probability_padding_of_short_windows():
+    """A window of a few tokens offers fewer real spans than asked for; the
+    rest are probability-0 padding (reversed spans, the [CLS] position) with
+    empty text and a margin near 0 that would outrank real spans."""
+    from shardqa.services.qa_service import merge_answers
+    from shardqa.types import Answer, RoutedPassage, RouteResult
+
+    route = RouteResult("q", [RoutedPassage("a", "d1", 0, "{s0}", 1.0)])
+    answers = [
+        Answer("", 0.0, 0, 0, passage_id="a", logit=0.0),
+        Answer("", 0.0, 19, 5, passage_id="a", logit=-8.9),
+        Answer("Paris", 0.77, 0, 5, passage_id="a", logit=-1.5),
+        Answer("Paris.", 0.2, 0, 6, passage_id="a", logit=-2.5),
+    ]
+    assert [a.text for a in merge_answers(answers, route, 5, route_weight=10.0)] == ["Paris", "Paris."]
+    # The reader's deliberate null answer (no passage) is kept.
+    null = Answer("", 0.6, 0, 0, logit=0.0)
+    assert [a.text for a in merge_answers([null, answers[2]], route, 5, route_weight=0.0)] == ["", "Paris"]
+
+
+def test_a_shards_own_error_crosses_the_handle_without_ray_s_traceback():
+    import asyncio
+
+    from ray.exceptions import RayTaskError
+
+    from shardqa.errors import IndexNotFound, ServiceUnavailable
+    from shardqa.services.shard_client import ServeShards
+
+    original = IndexNotFound("shard 0 has no passage 'x' in index version v1")
+    wrapped = RayTaskError("ServeReplica:shard-0", "Traceback (most recent call last):\n  File ...", original).as_instanceof_cause()
+
+    class Method:
+        def remote(self, *args):
+            async def fail():
+                raise wrapped
+
+            return fail()
+
+    class Handle:
+        answer = Method()
+
+    with pytest.raises(IndexNotFound) as info:
+        asyncio.run(ServeShards([Handle()]).answer(0, None))
+    assert type(info.value) is IndexNotFound and "Traceback" not in str(info.value)
+    assert str(info.value) == str(original)
+    # Anything else from Ray still surfaces as itself.
+    wrapped_other = RayTaskError("f", "tb", ValueError("boom")).as_instanceof_cause()
+    Method.remote = lambda self, *a: (_ for _ in ()).throw(wrapped_other)
+    with pytest.raises(RayTaskError):
+        asyncio.run(ServeShards([Handle()]).answer(0, None))
+    assert ServiceUnavailable  # the lost-replica path is covered by the Ray tests
+
+
 def test_only_passages_near_the_best_route_score_are_read():
     from shardqa.services.qa_service import passages_to_read
     from shardqa.types import RoutedPassage
@@ -168,3 +222,56 @@ def test_only_passages_near_the_best_route_score_are_read():
     assert passages_to_read([], 0.9) == []
     # the best passage is always read
     assert [p.passage_id for p in passages_to_read(ps, 1.0)] == ["p0"]
+
+
+def _bare_service(**overrides):
+    """A QAService with a hand-made index view, for tests of its own logic."""
+    from shardqa.services.qa_service import IndexView
+
+    settings = settings_with({"model": str(TINY), "store": "unused", **overrides})
+    service = QAService.create(settings, LocalShards([]))
+    return service, IndexView("v1", manifest=None, router=None)
+
+
+def test_cache_scope_names_the_model_and_the_reading_settings():
+    service, view = _bare_service()
+    scope = service._scope(view, "model-a@123/onnx-int8")
+    assert scope == service._scope(view, "model-a@123/onnx-int8")
+    assert scope != service._scope(view, "model-a@456/onnx-int8")  # retrained weights, same name
+    other, _ = _bare_service(merge_route_weight=3.0)
+    assert other._scope(view, "model-a@123/onnx-int8") != scope
+
+
+def test_routing_runs_off_the_event_loop():
+    """A slow route (the dense encoder on a busy machine) must not hold up
+    cache hits that arrive meanwhile."""
+    import asyncio
+    import time
+    from dataclasses import replace
+
+    from shardqa.services.answer_cache import cache_key
+    from shardqa.types import RouteResult
+
+    class SlowRouter:
+        encoder = None
+
+        def route(self, question, k):
+            time.sleep(0.5)
+            return RouteResult(question, [])
+
+    service, view = _bare_service()
+    service.view = replace(view, router=SlowRouter())
+
+    async def scenario():
+        await service.cache.backend.set(cache_key("v1", "Who won?", 1, ""), b"[]", 60)
+        slow = asyncio.ensure_future(service.answer("Who lost the battle?"))
+        await asyncio.sleep(0.05)
+        t0 = time.perf_counter()
+        hit = await service.answer("Who won?")
+        hit_s = time.perf_counter() - t0
+        assert (await slow).answers_json == b"[]"
+        await service.stop()
+        return hit, hit_s
+
+    hit, hit_s = asyncio.run(scenario())
+    assert hit.cached and hit_s < 0.25

@@ -81,6 +81,30 @@ def test_second_ask_is_cached_and_equal(served):
     assert client.post("/v1/answer", json={"question": q, "top_k": 2}).json()["cached"] is False  # top_k is in the key
 
 
+def test_control_and_invisible_characters_do_not_make_another_question(served):
+    """The canonical question is what the tokenizer, the router and the cache
+    key all read: a stray control character separates words as a space does,
+    so the variant is the same question, answered from the cache."""
+    client, _, _ = served
+    q = "What is the name of the region in France where the Normans settled?"
+    first = client.post("/v1/answer", json={"question": q}).json()
+    variant = q.replace(" ", "\x1f", 3).replace("Normans", "Nor\u200bmans")
+    again = client.post("/v1/answer", json={"question": variant}).json()
+    assert first["cached"] is False and again["cached"] is True
+    assert again["answers"] == first["answers"]
+
+
+@pytest.mark.parametrize("question", ["\U0001f600", "\U0001f642 \U0001f643 \U0001f914", "?!", "\u0e3f\u0e3f?"])
+def test_questions_without_a_known_word_are_refused(served, question):
+    client, _, _ = served
+    r = client.post("/v1/answer", json={"question": question})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "invalid_question"
+    assert "no word the model knows" in r.json()["error"]["message"]
+    r = client.post("/v1/answer:batch", json={"questions": [QUESTIONS[0], question]})
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("questions[1]: ")
+
+
 def test_batch_answers_in_order(served):
     client, store, _ = served
     single = [client.post("/v1/answer", json={"question": q}).json() for q in QUESTIONS[:3]]

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from shardqa.services.answer_cache import AnswerCache, MemoryBackend, cache_key, normalise_question
+from shardqa.services.answer_cache import AnswerCache, MemoryBackend, cache_key, canonical_question, normalise_question
 
 
 def test_keys_hash_everything_that_decides_the_answer():
@@ -17,6 +17,18 @@ def test_keys_hash_everything_that_decides_the_answer():
     assert cache_key("v2", q, 1) != key  # a new index version never sees old answers
     assert cache_key("v1", q, 2) != key
     assert cache_key("v1", normalise_question("  Who gave their\tname to\n Normandy? ", lowercase=True), 1) == key
+    # The model and the reading settings decide answers too.
+    assert cache_key("v1", q, 1, scope="model-b") != key
+
+
+def test_the_canonical_question_is_what_every_stage_reads():
+    # A control character separates words (the tokenizer alone would drop it
+    # and join them); invisible format characters vanish; NFD becomes NFC.
+    assert canonical_question("In what country is\x1fNormandy\x1flocated?") == "In what country is Normandy located?"
+    assert canonical_question("Nor\u200bmandy\u00ad?\ufeff") == "Normandy?"
+    assert canonical_question("Who founded Citroe\u0308n?") == "Who founded Citro\u00ebn?"
+    assert canonical_question("\u00a0Who\u2003won?\r\n") == "Who won?"
+    assert canonical_question("\x00\x01") == ""
 
 
 def test_case_folds_only_for_uncased_models():
@@ -83,6 +95,52 @@ def test_a_failed_computation_reaches_every_waiter_and_is_not_cached():
             return b"[]"
 
         assert (await cache.get_or_compute("k", ok)).shared is False
+
+    asyncio.run(scenario())
+
+
+def test_a_caller_that_goes_away_does_not_fail_the_others():
+    """The request that started a computation is cancelled (its client hung
+    up): the computation goes on, the other callers get its value, and it is cached."""
+    cache = AnswerCache(MemoryBackend(), ttl_s=60, timeout_s=0.05)
+    calls = 0
+
+    async def compute():
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.05)
+        return b"[1]"
+
+    async def scenario():
+        first = asyncio.ensure_future(cache.get_or_compute("k", compute))
+        await asyncio.sleep(0.01)
+        second = asyncio.ensure_future(cache.get_or_compute("k", compute))
+        await asyncio.sleep(0.01)
+        first.cancel()
+        result = await second
+        assert first.cancelled()
+        assert result.value == b"[1]" and result.shared
+        again = await cache.get_or_compute("k", compute)
+        assert again.value == b"[1]" and again.shared
+        assert calls == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_computation_nobody_waits_for_any_more_still_fills_the_cache():
+    cache = AnswerCache(MemoryBackend(), ttl_s=60, timeout_s=0.05)
+
+    async def compute():
+        await asyncio.sleep(0.02)
+        return b"[2]"
+
+    async def scenario():
+        only = asyncio.ensure_future(cache.get_or_compute("k", compute))
+        await asyncio.sleep(0.005)
+        only.cancel()
+        await asyncio.sleep(0.05)
+        assert await cache.lookup("k") == b"[2]"
+        assert not cache._inflight
 
     asyncio.run(scenario())
 

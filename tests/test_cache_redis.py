@@ -121,6 +121,51 @@ def test_single_flight_across_two_ingress_replicas(redis_server):
     assert [r.value for r in results] == [b"[1]"] * 4
 
 
+def test_a_peer_that_fails_releases_its_waiters_at_once(redis_server):
+    """The replica holding the lock fails: the other stops waiting as soon as
+    the lock is gone, instead of sitting out the lock's TTL."""
+    a = AnswerCache(RedisBackend(redis_server.url, 5.0), ttl_s=60, timeout_s=5.0, lock_ttl_ms=5000)
+    b = AnswerCache(RedisBackend(redis_server.url, 5.0), ttl_s=60, timeout_s=5.0, lock_ttl_ms=5000)
+
+    async def failing():
+        await asyncio.sleep(0.1)
+        raise RuntimeError("shard down")
+
+    async def later():
+        return b"[ok]"
+
+    async def scenario():
+        first = asyncio.ensure_future(a.get_or_compute("q", failing))
+        await asyncio.sleep(0.03)  # a holds the lock now
+        t0 = time.monotonic()
+        result = await b.get_or_compute("q", later)
+        waited = time.monotonic() - t0
+        with pytest.raises(RuntimeError):
+            await first
+        await a.close()
+        await b.close()
+        return result, waited
+
+    result, waited = asyncio.run(scenario())
+    assert result.value == b"[ok]" and not result.shared
+    assert waited < 2.0  # the lock's TTL is 5 s
+
+
+def test_only_the_owner_releases_a_lock(redis_server):
+    backend = RedisBackend(redis_server.url, 5.0)
+
+    async def scenario():
+        token = await backend.try_lock("k", 60_000)
+        assert token and await backend.try_lock("k", 60_000) is None
+        await backend.unlock("k", "someone-else")
+        assert await backend.lock_held("k")
+        await backend.unlock("k", token)
+        assert not await backend.lock_held("k")
+        await backend.close()
+
+    asyncio.run(scenario())
+
+
 def test_redis_outage_degrades_to_uncached_and_recovers(redis_server):
     from test_metrics import delta, scrape
 
