@@ -36,11 +36,16 @@ log = logging.getLogger(__name__)
 
 JSON = "application/json"
 ENDPOINTS = frozenset({"/v1/answer", "/v1/answer:batch", "/v1/index", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"})
+#: Endpoints whose body is JSON.
+JSON_BODIES = frozenset({"/v1/answer", "/v1/answer:batch"})
+#: FastAPI's detail when it cannot decode a body it was told is JSON (invalid UTF-8, for one).
+_UNDECODABLE_BODY = "There was an error parsing the body"
 _STATUS_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large", 415: "unsupported_media_type"}
 
 ERRORS = {
     400: {"model": ErrorResponse, "description": "Invalid question or malformed JSON"},
     413: {"model": ErrorResponse, "description": "Request body too large"},
+    415: {"model": ErrorResponse, "description": "The body is not sent as JSON (Content-Type must be application/json)"},
     422: {"model": ErrorResponse, "description": "Wrong field types, unknown fields, or values out of range"},
     503: {"model": ErrorResponse, "description": "No index loaded yet, or a shard has no live replica"},
 }
@@ -55,6 +60,8 @@ def _describe_validation(exc: RequestValidationError) -> tuple[int, str, str]:
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
         return 400, "invalid_json", "the request body is not valid JSON"
+    if any(e.get("loc") == ("body",) and e.get("type") in ("model_attributes_type", "dict_type") for e in errors):
+        return 422, "validation_error", 'the request body must be a JSON object, like {"question": "..."}'
     parts = []
     for e in errors[:5]:
         loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
@@ -90,6 +97,15 @@ class RequestGate:
 
         try:
             if scope.get("method") in ("POST", "PUT", "PATCH"):
+                if path in JSON_BODIES and not _is_json(scope):
+                    # Without this, `curl -d '{...}'` (a form content type)
+                    # gets a validation error that never names the cause.
+                    media = _content_type(scope)
+                    await error_response(
+                        415, "unsupported_media_type",
+                        f"the request body must be JSON, sent with Content-Type: application/json (got {media!r})",
+                    )(scope, receive, send_recording)
+                    return
                 body = await self._read_body(scope, receive, send_recording)
                 if body is None:
                     return
@@ -140,6 +156,17 @@ class RequestGate:
         await error_response(413, "request_too_large", f"the request body is larger than {self.max_body_bytes} bytes")(scope, receive, send)
 
 
+def _content_type(scope) -> str:
+    raw = dict(scope.get("headers") or ()).get(b"content-type", b"")
+    return raw.decode("latin-1").split(";", 1)[0].strip().lower()
+
+
+def _is_json(scope) -> bool:
+    """A JSON media type, or none at all (clients that send none mean JSON here)."""
+    media = _content_type(scope)
+    return media in ("", "application/json") or media.endswith("+json")
+
+
 def create_api(service: QAService, settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -156,6 +183,9 @@ def create_api(service: QAService, settings: Settings) -> FastAPI:
         title="shardqa",
         version="1",
         description="Extractive question answering over a sharded, pre-tokenised index.",
+        # A body without a Content-Type is read as JSON (RequestGate refuses
+        # every other non-JSON type with 415 first).
+        strict_content_type=False,
     )
 
     @app.exception_handler(RequestValidationError)
@@ -165,6 +195,8 @@ def create_api(service: QAService, settings: Settings) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400 and exc.detail == _UNDECODABLE_BODY:
+            return error_response(400, "invalid_json", "the request body is not valid JSON text (it must be UTF-8 encoded)")
         code = _STATUS_CODES.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, str(exc.detail))
 

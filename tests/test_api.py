@@ -78,6 +78,32 @@ def test_malformed_json_is_400(client):
     assert_error(r, 400, "invalid_json")
 
 
+@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", "text/plain", "multipart/form-data; boundary=x"])
+def test_a_body_not_sent_as_json_is_415_naming_the_content_type(client, content_type):
+    for path in ("/v1/answer", "/v1/answer:batch"):
+        r = client.post(path, content=b'{"question": "Who ruled Normandy?"}', headers={"content-type": content_type})
+        message = assert_error(r, 415, "unsupported_media_type")
+        assert "application/json" in message and content_type.split(";")[0] in message
+
+
+def test_json_media_types_and_none_at_all_are_read_as_json(client):
+    for content_type in ("application/json; charset=utf-8", "application/problem+json", None):
+        headers = {"content-type": content_type} if content_type else {}
+        r = client.post("/v1/answer", content=b'{"question": "Who ruled Normandy?"}', headers=headers)
+        assert_error(r, 503, "unavailable")  # past validation: this service has no index
+
+
+@pytest.mark.parametrize("body", [b"[]", b'"Who?"', b"null", b"42"])
+def test_a_body_that_is_not_a_json_object_says_so(client, body):
+    message = assert_error(client.post("/v1/answer", content=body, headers={"content-type": "application/json"}), 422, "validation_error")
+    assert "must be a JSON object" in message
+
+
+def test_a_body_that_is_not_utf8_is_invalid_json_naming_the_encoding(client):
+    r = client.post("/v1/answer", content=b'{"question": "Who \xff?"}', headers={"content-type": "application/json"})
+    assert "UTF-8" in assert_error(r, 400, "invalid_json")
+
+
 def test_body_too_large_is_413(client):
     assert_error(client.post("/v1/answer", json={"question": "x" * 5000}), 413, "request_too_large")
 
