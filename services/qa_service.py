@@ -13,6 +13,7 @@ then does the view switch — in one assignment, so no request ever mixes two.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import json
 import logging
@@ -20,6 +21,7 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from functools import partial
 from itertools import chain
 
 from shardqa.config import Settings
@@ -280,7 +282,10 @@ class QAService:
 
     async def _infer(self, view: IndexView, question: str, top_k: int) -> bytes:
         loop = asyncio.get_running_loop()
-        tokens, route = await loop.run_in_executor(self._route_pool, self._tokenize_and_route, view, question)
+        # In the request's context, as on the loop: Serve's metrics read the
+        # request's route from it.
+        work = partial(contextvars.copy_context().run, self._tokenize_and_route, view, question)
+        tokens, route = await loop.run_in_executor(self._route_pool, work)
         t2 = time.perf_counter()
         metrics.record_route(route.dense)
         if route.passages:
