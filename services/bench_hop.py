@@ -14,7 +14,6 @@ Serve.
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from typing import Any
 
@@ -112,18 +111,6 @@ async def _measure(settings, app_name: str, shard: int, calls: int, warmup: int)
             "passages_cycled": min(len(pids), warmup + calls), "answers_differing": differ}
 
 
-def check_reachable(address: str | None, timeout_s: float = 5.0) -> None:
-    """Fail at once when a ``host:port`` Ray address has nothing listening:
-    `ray.init` would otherwise retry the GCS for minutes."""
-    if not address or address == "auto" or "://" in address:
-        return  # `auto` fails fast by itself; ray:// clients have their own timeout
-    host, _, port = address.rpartition(":")
-    try:
-        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s).close()
-    except (OSError, ValueError) as exc:
-        raise ConnectionError(f"no Ray cluster at {address}: {exc}") from None
-
-
 def measure_hops(settings, *, ray_address: str | None = None, app_name: str | None = None, shard: int = 0,
                  calls: int = 200, warmup: int = 20) -> dict[str, Any]:
     """Run the probe on the Ray cluster serving ``app_name`` (connecting to
@@ -131,6 +118,7 @@ def measure_hops(settings, *, ray_address: str | None = None, app_name: str | No
     import ray
 
     from shardqa.services.app import APP_NAME
+    from shardqa.services.runtime import check_reachable
 
     joined = False
     if not ray.is_initialized():

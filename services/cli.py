@@ -12,6 +12,23 @@ import typer
 from shardqa.config import Backend
 
 
+def _check_built_from(store_url: str, squad_json: Path, examples) -> None:
+    """As `shardqa eval-route` refuses: an index of another corpus would give
+    a real-looking but meaningless F1."""
+    from shardqa.preprocessing.corpus import read_squad_questions
+    from shardqa.preprocessing.store import open_store
+    from shardqa.router.evaluate import check_built_from
+
+    st = open_store(store_url)
+    try:
+        version = st.current_version()
+        _, meta = st.load_tables(version)
+    finally:
+        st.close()
+    doc_of = {q.qid: q.doc_id for q in read_squad_questions(squad_json)}
+    check_built_from(meta["doc_ids"], [doc_of.get(ex.id) for ex in examples], squad_json, version, st.url)
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def ask(
@@ -76,6 +93,8 @@ def register(app: typer.Typer) -> None:
 
         settings = settings_with({"store": store, "model": model, "backend": backend, "threads": threads, "index_refresh_s": 3600})
         examples = pick_questions(load_squad(squad_json), seed=seed, skip=skip, every=every, limit=limit)
+        if examples:
+            _check_built_from(settings.store, squad_json, examples)
         ev = evaluate_answers(settings, examples, progress=not as_json)
         if as_json:
             typer.echo(json.dumps(ev.to_json()))

@@ -22,6 +22,8 @@ def _error_message(response: httpx.Response) -> str:
 
 def ask(url: str, question: str, top_k: int = 1, timeout_s: float = 30.0, client: httpx.Client | None = None) -> dict:
     """POST /v1/answer; the response body, or a one-line error."""
+    # A base URL copied with its trailing slash would otherwise ask //v1/answer (404).
+    url = url.rstrip("/")
     try:
         if client is not None:
             r = client.post(f"{url}/v1/answer", json={"question": question, "top_k": top_k}, timeout=timeout_s)

@@ -7,7 +7,6 @@ import hashlib
 import json
 import logging
 import os
-import socket
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -19,18 +18,6 @@ from shardqa.errors import ShardQAError
 SAMPLES_PER_ARTICLE = 1
 
 
-class DemoError(ShardQAError):
-    code = "demo_error"
-
-
-def check_port_free(host: str, port: int) -> None:
-    with socket.socket() as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            raise DemoError(f"{host}:{port} is already in use; pass --port to pick another") from None
-
-
 def sample_questions(corpus: Path) -> list[str]:
     data = json.loads(corpus.read_text(encoding="utf-8"))
     out = []
@@ -40,17 +27,26 @@ def sample_questions(corpus: Path) -> list[str]:
     return out
 
 
-def demo_index(corpus: Path, store_dir: Path, shards: int, model: str, tokenizer) -> tuple[str, bool]:
+def demo_index(corpus: Path, store_dir: Path, shards: int, model: str, tokenizer, encoder: str = "auto") -> tuple[str, bool]:
     """The demo's index version, built unless an index of this corpus, shard
-    count and tokenizer is already there; (version, reused)."""
+    count, tokenizer and dense encoder (`encoder` as `shardqa index --encoder`
+    takes it) is already there; (version, reused)."""
     from shardqa.preprocessing.build import build_index
     from shardqa.preprocessing.store import open_store
+    from shardqa.router.encoder import encoder_fingerprint
 
     stamp_file = store_dir / "demo-stamp.json"
+    if encoder.strip().lower() == "auto":
+        from shardqa.config import get_settings
+
+        encoder = get_settings().route_encoder
     stamp = {
         "corpus_sha256": hashlib.sha256(corpus.read_bytes()).hexdigest(),
         "shards": shards,
         "tokenizer": tokenizer.fingerprint,
+        # As the index manifest records its dense vectors (None: lexical
+        # routing only), so switching the encoder on or off rebuilds.
+        "encoder": encoder_fingerprint(encoder),
     }
     if stamp_file.exists():
         try:
@@ -61,7 +57,8 @@ def demo_index(corpus: Path, store_dir: Path, shards: int, model: str, tokenizer
         except (ValueError, ShardQAError):
             pass  # unreadable stamp or no index: build afresh
     store_dir.mkdir(parents=True, exist_ok=True)
-    manifest = build_index(corpus, str(store_dir), shards, model, tokenizer=tokenizer)
+    manifest = build_index(corpus, str(store_dir), shards, model, tokenizer=tokenizer, encoder=encoder)
+    stamp["encoder"] = (manifest.params.get("encoder") or {}).get("fingerprint")
     stamp_file.write_text(json.dumps({"stamp": stamp, "version": manifest.version}))
     return manifest.version, False
 
@@ -81,13 +78,13 @@ def run_demo(
 
     from shardqa.services.client import ask
     from shardqa.services.reader import check_qa_model, resolve_model_dir
-    from shardqa.services.runtime import deploy, wait_ready
+    from shardqa.services.runtime import check_bind, deploy, wait_ready
     from shardqa.services.serve_cli import wait_for_interrupt
     from shardqa.services.service_config import make_service_config, settings_with
     from shardqa.tokenization import TextTokenizer
 
     t0 = time.perf_counter()
-    check_port_free(host, port)
+    check_bind(host, port)
     # The demo always runs its own Ray, even where RAY_ADDRESS names a cluster.
     os.environ.pop("RAY_ADDRESS", None)
     if not verbose:

@@ -327,14 +327,19 @@ def resolve_model_dir(model: str, cache_dir: Path) -> Path:
     raise ModelNotFound(f"model directory {model} does not exist")
 
 
-def check_qa_model(model_dir: Path) -> None:
+def check_model_folder(model_dir: Path) -> dict:
+    """The folder's config.json, or a one-line error when it has none."""
     cfg_path = model_dir / "config.json"
     if not cfg_path.exists():
         raise ModelNotFound(f"{model_dir} has no config.json; is it a Hugging Face model folder?")
     try:
-        cfg = json.loads(cfg_path.read_text())
+        return json.loads(cfg_path.read_text())
     except json.JSONDecodeError as exc:
         raise ModelNotFound(f"{cfg_path} is not valid JSON ({exc})") from None
+
+
+def check_qa_model(model_dir: Path) -> None:
+    cfg = check_model_folder(model_dir)
     archs = cfg.get("architectures") or []
     if not any(a.endswith("ForQuestionAnswering") for a in archs):
         raise NotAQAModel(

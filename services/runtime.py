@@ -3,15 +3,17 @@ embedded single-node Ray started here."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
+import socket
 import time
 from dataclasses import dataclass
 
 import httpx
 
-from shardqa.errors import ServiceUnavailable
+from shardqa.errors import ServiceUnavailable, ShardQAError
 from shardqa.services.app import APP_NAME, build_graph
 from shardqa.services.service_config import ServiceConfig
 
@@ -107,6 +109,72 @@ def fast_ingress_env(enabled: bool) -> dict[str, str]:
 
 def ray_address(explicit: str | None) -> str | None:
     return explicit or os.environ.get("RAY_ADDRESS") or None
+
+
+class StartupError(ShardQAError):
+    """The service cannot start here: its address cannot be bound, or the Ray
+    cluster it should join does not answer."""
+
+    code = "startup_error"
+
+
+def check_bind(host: str, port: int) -> None:
+    """Fail at once when the service could not listen on host:port; Serve
+    would find out only after Ray has started, with a long traceback."""
+    # The address family as uvicorn picks it, so "::" is checked as IPv6.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        infos = socket.getaddrinfo(host or None, port, family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError):
+        raise StartupError(f"cannot serve on {host}: not an IP address or a known host name; "
+                           "pass --host (e.g. 127.0.0.1 or 0.0.0.0)") from None
+    except OverflowError:
+        raise StartupError(f"port {port} is out of range (1-65535)") from None
+    fam, kind, proto, _, addr = infos[0]
+    with socket.socket(fam, kind, proto) as s:
+        # As the HTTP server does: connections of an earlier run still in
+        # TIME_WAIT must not make a free port look busy.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise StartupError(f"{host}:{port} is already in use; pass --port to pick another") from None
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise StartupError(f"cannot serve on {host}: it is not an address of this machine; "
+                                   "pass --host (e.g. 127.0.0.1 or 0.0.0.0)") from None
+            if exc.errno == errno.EACCES:
+                raise StartupError(f"no permission to listen on port {port} of {host} "
+                                   "(ports below 1024 need privileges); pass --port to pick another") from None
+            raise StartupError(f"cannot serve on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def check_reachable(address: str | None, timeout_s: float = 5.0) -> None:
+    """Fail at once when a ``host:port`` Ray address has nothing listening:
+    `ray.init` would otherwise retry the GCS for minutes."""
+    if not address or address == "auto" or "://" in address:
+        return  # `auto` fails fast by itself; ray:// clients have their own timeout
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout_s).close()
+    except ValueError:
+        raise ConnectionError(f"no Ray cluster at {address}: a Ray address is host:port, auto or ray://host:port") from None
+    except OSError as exc:
+        raise ConnectionError(f"no Ray cluster at {address}: {exc.strerror or exc}") from None
+
+
+def check_can_start(host: str, port: int, address: str | None) -> None:
+    """What `deploy` needs, checked before Ray starts: the Ray cluster to join
+    (`address`, else RAY_ADDRESS) answers; else the embedded Serve's HTTP
+    address can be bound (a joined cluster's Serve listens on its own nodes)."""
+    address = ray_address(address)
+    if address:
+        try:
+            check_reachable(address)
+        except ConnectionError as exc:
+            raise StartupError(str(exc)) from None
+    else:
+        check_bind(host, port)
 
 
 def start_ray(config: ServiceConfig, address: str | None, *, quiet: bool = True) -> bool:

@@ -40,7 +40,7 @@ def register(app: typer.Typer) -> None:
         store: Optional[str] = typer.Option(None, "--store", "-s", help="index store: a directory or a redis:// URL [default: settings.store]"),
         ray_address: Optional[str] = typer.Option(None, "--ray-address", help="existing Ray cluster (else RAY_ADDRESS, else an embedded Ray)"),
         host: Optional[str] = typer.Option(None, "--host", help="HTTP bind address [default: settings.host]"),
-        port: Optional[int] = typer.Option(None, "--port", "-p", help="HTTP port [default: settings.port]"),
+        port: Optional[int] = typer.Option(None, "--port", "-p", min=1, max=65535, help="HTTP port [default: settings.port]"),
         shards_config: Optional[Path] = typer.Option(None, "--shards-config", help="JSON/YAML file: replicas and resources per shard"),
         model: Optional[str] = typer.Option(None, "--model", "-m", help="QA model directory"),
         backend: Optional[Backend] = typer.Option(None, "--backend", "-b", help="torch, onnx or onnx-int8"),
@@ -52,11 +52,13 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Serve an index over HTTP with Ray Serve until Ctrl-C."""
         from shardqa.services.app import service_config_from_args
-        from shardqa.services.runtime import deploy, wait_ready
+        from shardqa.services.runtime import check_can_start, deploy, wait_ready
         from shardqa.services.service_config import settings_with
 
         settings = settings_with(_serving_overrides(host=host, port=port))
+        address = ray_address or settings.ray_address
         t0 = time.perf_counter()
+        check_can_start(settings.host, settings.port, address)
         config = service_config_from_args(
             _serving_overrides(
                 store=store,
@@ -73,8 +75,14 @@ def register(app: typer.Typer) -> None:
 
         # A missing or wrong model fails here, in one line, before Ray starts.
         check_qa_model(resolve_model_dir(config.settings.model, config.settings.cache_dir))
+        if config.settings.cache_url:
+            from shardqa.preprocessing.redis_store import check_redis
+
+            # Unchecked, an unreachable cache would only show as every answer
+            # computed afresh and a metric.
+            check_redis(config.settings.cache_url, what="the answer cache")
         typer.echo(f"starting {config.shards} shard deployment(s) of {config.settings.store} ...", err=True)
-        running = deploy(config, settings.host, settings.port, address=ray_address or settings.ray_address, quiet=not verbose)
+        running = deploy(config, settings.host, settings.port, address=address, quiet=not verbose)
         try:
             ready = wait_ready(running.url)
             typer.echo(
@@ -89,8 +97,8 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def demo(
-        port: int = typer.Option(8000, "--port", "-p", help="HTTP port"),
-        host: str = typer.Option("127.0.0.1", "--host", help="HTTP bind address"),
+        port: Optional[int] = typer.Option(None, "--port", "-p", min=1, max=65535, help="HTTP port [default: settings.port]"),
+        host: Optional[str] = typer.Option(None, "--host", help="HTTP bind address [default: settings.host]"),
         model: Optional[str] = typer.Option(None, "--model", "-m", help="QA model directory [default: the shipped model]"),
         backend: Optional[Backend] = typer.Option(None, "--backend", "-b", help="torch, onnx or onnx-int8"),
         shards: int = typer.Option(4, "--shards", min=1, help="shards to split the sample corpus into"),
@@ -100,10 +108,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Index the shipped sample corpus, serve it, answer sample questions."""
         from shardqa.services.demo import run_demo
+        from shardqa.services.service_config import settings_with
 
+        settings = settings_with(_serving_overrides(host=host, port=port))
         run_demo(
-            host=host,
-            port=port,
+            host=settings.host,
+            port=settings.port,
             overrides=_serving_overrides(model=model, backend=backend),
             shards=shards,
             workdir=workdir,
@@ -121,7 +131,14 @@ def register(app: typer.Typer) -> None:
         timeout: float = typer.Option(30.0, "--timeout", help="seconds to wait for the answer"),
     ) -> None:
         """Ask a running shardqa service a question."""
+        import math
+
         from shardqa.services.client import ask
+
+        if not (timeout > 0 and math.isfinite(timeout)):
+            from shardqa.cli import fail
+
+            raise fail(f"--timeout must be a positive number of seconds, not {timeout}")
 
         if url is None:
             from shardqa.config import get_settings

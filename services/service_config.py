@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from shardqa.config import Settings, get_settings
+from pydantic import ValidationError
+
+from shardqa.config import Settings, get_settings, settings_error_line
 from shardqa.errors import ShardQAError
 
 #: Logical CPUs the ingress replica reserves. It tokenises questions, routes
@@ -75,8 +77,8 @@ def settings_with(overrides: Mapping[str, Any] | None = None, base: Settings | N
     merged.update(updates)
     try:
         return Settings.model_validate(merged)
-    except Exception as exc:  # pydantic.ValidationError
-        raise ServiceConfigError(f"invalid setting: {str(exc).splitlines()[0]} ({exc})") from None
+    except ValidationError as exc:
+        raise ServiceConfigError(settings_error_line(exc, env=False)) from None
 
 
 def load_shards_config(source: str | Path | Mapping[str, Any] | None) -> dict[str, Any]:
@@ -106,14 +108,33 @@ def load_shards_config(source: str | Path | Mapping[str, Any] | None) -> dict[st
                 data = json.loads(text)
         except Exception as exc:
             raise ServiceConfigError(f"shards config {path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {exc}") from None
-    if not isinstance(data, Mapping) or set(data) - {"default", "shards"}:
+    if not isinstance(data, Mapping):
         raise ServiceConfigError('a shards config is a mapping with the keys "default" and/or "shards"')
+    unknown = _unknown_keys(data, ("default", "shards"))
+    if unknown:
+        raise ServiceConfigError(f'a shards config is a mapping with the keys "default" and/or "shards", not {unknown}')
     return dict(data)
 
 
+def _unknown_keys(entry: Mapping[str, Any], known: tuple[str, ...]) -> str:
+    """The keys of `entry` not in `known`, quoted, each with the known key it
+    is likely a typo of; "" when there are none."""
+    from difflib import get_close_matches
+
+    out = []
+    for key in entry:
+        if key not in known:
+            near = get_close_matches(str(key), known, n=1)
+            out.append(repr(str(key)) + (f" (did you mean {near[0]}?)" if near else ""))
+    return ", ".join(out)
+
+
 def _resources(entry: Mapping[str, Any], fallback: ShardResources, where: str) -> ShardResources:
-    if not isinstance(entry, Mapping) or set(entry) - {"replicas", "num_cpus", "num_gpus"}:
+    if not isinstance(entry, Mapping):
         raise ServiceConfigError(f"{where}: expected a mapping of replicas, num_cpus, num_gpus")
+    unknown = _unknown_keys(entry, ("replicas", "num_cpus", "num_gpus"))
+    if unknown:
+        raise ServiceConfigError(f"{where}: unknown key(s) {unknown}; expected replicas, num_cpus, num_gpus")
     try:
         res = ShardResources(
             replicas=int(entry.get("replicas", fallback.replicas)),

@@ -44,17 +44,31 @@ def _register() -> None:
 _register()
 
 
-def settings_error(exc) -> str:
-    """One line for a rejected SHARDQA_* setting (environment or .env)."""
-    parts = []
-    for e in exc.errors():
-        name = ".".join(str(p) for p in e.get("loc", ())) or "settings"
-        parts.append(f"SHARDQA_{name.upper()}={e.get('input')!r}: {e.get('msg', 'invalid')}")
-    return "invalid setting " + "; ".join(parts)
+@app.command("config")
+def config(as_json: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
+    """The settings in force (defaults, SHARDQA_<NAME> variables, .env), passwords in URLs hidden."""
+    import json
+
+    from shardqa.config import get_settings, settings_in_force
+
+    values = settings_in_force(get_settings())
+    if as_json:
+        typer.echo(json.dumps(values))
+        return
+    from rich.console import Console
+    from rich.table import Column, Table
+
+    table = Table("setting", Column("value", overflow="fold"), box=None, caption="set as SHARDQA_<NAME> or in .env")
+    for name, value in values.items():
+        table.add_row(name, value if isinstance(value, str) else "none" if value is None else json.dumps(value))
+    Console().print(table, highlight=False)
 
 
 def main() -> None:
     from pydantic import ValidationError
+    from pydantic_settings import SettingsError
+
+    from shardqa.config import settings_error_line
 
     try:
         app()
@@ -64,7 +78,13 @@ def main() -> None:
     except ValidationError as exc:
         if exc.title != "Settings":
             raise
-        typer.echo(f"error: {settings_error(exc)}", err=True)
+        typer.echo(f"error: {settings_error_line(exc, env=True)}", err=True)
+        sys.exit(2)
+    except SettingsError as exc:
+        # pydantic-settings could not even decode a variable (its message
+        # names the field; the cause says why).
+        cause = f" ({str(exc.__cause__).splitlines()[0]})" if exc.__cause__ else ""
+        typer.echo(f"error: invalid setting: {str(exc).splitlines()[0]}{cause}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)

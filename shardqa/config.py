@@ -2,17 +2,18 @@
 
 Every field can be set by an environment variable `SHARDQA_<FIELD>` (upper
 case) or a `.env` file; command-line options override them. The README lists
-them all (`shardqa config` prints the values in force).
+them all; `shardqa config` prints the values in force.
 """
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 #: The repository's root when running from a checkout (editable install or
 #: container image with the source tree), where the shipped model lives.
@@ -30,10 +31,12 @@ class Settings(BaseSettings):
     model: str = Field(str(DEFAULT_MODEL_DIR), description="QA model directory (or hub id where a network exists)")
     backend: Backend = Field("onnx-int8", description="inference backend: torch, onnx or onnx-int8")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when present")
-    onnx_providers: list[str] = Field(
+    # NoDecode: the environment's value reaches the validator below as text,
+    # so a plain comma-separated list works and not only JSON.
+    onnx_providers: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="ONNX Runtime execution providers in order of preference; empty = by device "
-        "(CUDA: TensorRT, CUDA, CPU; CPU: CPU)",
+        description="ONNX Runtime execution providers in order of preference, comma-separated or a JSON list; "
+        "empty = by device (CUDA: TensorRT, CUDA, CPU; CPU: CPU)",
     )
     threads: int = Field(0, ge=0, description="intra-op threads per model copy; 0 = library default")
     # Off: ONNX Runtime's intra-op threads otherwise spin between operators,
@@ -133,6 +136,45 @@ class Settings(BaseSettings):
     target_p50_ms: float = 20.0
     target_p99_ms: float = 50.0
     target_cached_p50_ms: float = 3.0
+
+    @field_validator("onnx_providers", mode="before")
+    @classmethod
+    def _split_list(cls, value):
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)  # a JSONDecodeError is a ValueError: reported as this field's problem
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+
+def settings_error_line(exc: ValidationError, *, env: bool) -> str:
+    """One line for rejected settings: each field (as its SHARDQA_* variable
+    when the value came from the environment), the value and the problem."""
+    parts = []
+    for e in exc.errors():
+        name = ".".join(str(p) for p in e.get("loc", ())) or "settings"
+        label = f"SHARDQA_{name.upper()}" if env else name
+        parts.append(f"{label}={e.get('input')!r}: {e.get('msg', 'invalid')}")
+    return "invalid setting " + "; ".join(parts)
+
+
+def settings_in_force(settings: Settings) -> dict:
+    """Every setting as JSON-safe values: paths as text, inf as "inf", and
+    passwords in URLs (a Redis store or cache) replaced by ***."""
+    from math import isfinite
+    from urllib.parse import urlsplit
+
+    out = {}
+    for name, value in settings.model_dump(mode="json").items():
+        if isinstance(value, float) and not isfinite(value):
+            value = str(value)
+        elif isinstance(value, str) and "://" in value:
+            parts = urlsplit(value)
+            if parts.password:
+                value = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")).geturl()
+        out[name] = value
+    return out
 
 
 @lru_cache(maxsize=1)

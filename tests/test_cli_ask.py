@@ -77,3 +77,46 @@ def test_context_not_utf8(tmp_path):
 
 def test_missing_context_file(tmp_path):
     assert_user_error(shardqa("ask", "What?", "--context-file", str(tmp_path / "nope.txt"), "--model", str(TINY)), "does not exist")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["train", "{run}", "--init-from", "/no/such/model-dir", "--data-dir", "{data}"],
+        ["train", "{run}", "--base-model", "/no/such/model-dir", "--data-dir", "{data}"],
+        ["index", "{corpus}", "--model", "/no/such/model-dir", "--store", "{data}"],
+        ["ask", "Who?", "--context", CTX, "--model", "/no/such/model-dir"],
+    ],
+)
+def test_every_command_names_a_missing_model_directory_alike(args, tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"id": "a", "title": "A", "text": CTX}) + "\n", encoding="utf-8")
+    data = tmp_path / "data"
+    proc = shardqa(*(a.format(run=tmp_path / "run", corpus=corpus, data=data) for a in args))
+    assert_user_error(proc, "model directory /no/such/model-dir does not exist")
+    # Checked before any work: no SQuAD download, no store written.
+    assert not data.exists()
+
+
+def test_a_model_folder_without_config_is_refused_by_train(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = shardqa("train", str(tmp_path / "run"), "--base-model", str(tmp_path / "empty"), "--data-dir", str(tmp_path / "data"))
+    assert_user_error(proc, "has no config.json")
+    assert not (tmp_path / "data").exists()
+
+
+def test_onnx_providers_from_the_environment_comma_separated_or_json():
+    import os
+
+    from shardqa.config import Settings
+
+    for value, expected in (("CPUExecutionProvider", ["CPUExecutionProvider"]),
+                            ("CUDAExecutionProvider, CPUExecutionProvider", ["CUDAExecutionProvider", "CPUExecutionProvider"]),
+                            ('["CUDAExecutionProvider","CPUExecutionProvider"]', ["CUDAExecutionProvider", "CPUExecutionProvider"]),
+                            ("", [])):
+        assert Settings(onnx_providers=value).onnx_providers == expected
+    proc = shardqa("ask", "Who gave their name to Normandy?", "--context", CTX, "--model", str(TINY), "--backend", "torch",
+                   "--json", env={**os.environ, "SHARDQA_ONNX_PROVIDERS": "CPUExecutionProvider"})
+    assert proc.returncode == 0, proc.stderr
+    proc = shardqa("ask", "Who?", "--context", CTX, "--model", str(TINY), env={**os.environ, "SHARDQA_ONNX_PROVIDERS": "[oops"})
+    assert_user_error(proc, "invalid setting SHARDQA_ONNX_PROVIDERS='[oops': ")

@@ -19,8 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "tests" / "fixtures" / "tiny-bert-qa"
 
 
-def shardqa(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "shardqa.cli", *args], capture_output=True, text=True, timeout=timeout)
+def shardqa(*args, timeout=120, env=None):
+    return subprocess.run([sys.executable, "-m", "shardqa.cli", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
 
 
 def free_port() -> int:
@@ -50,6 +51,118 @@ def test_demo_on_a_busy_port_fails_in_one_line(tmp_path):
     assert_one_line_error(proc, "already in use")
 
 
+@pytest.fixture(scope="module")
+def tiny_index(tmp_path_factory):
+    from shardqa.config import DEFAULT_SAMPLE_CORPUS
+    from shardqa.preprocessing.build import build_index
+
+    store = tmp_path_factory.mktemp("serve-index")
+    build_index(DEFAULT_SAMPLE_CORPUS, str(store), 2, str(TINY), encoder="none")
+    return str(store)
+
+
+@pytest.fixture
+def busy_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+# Each of these would fail only after Ray had started (or hang in ray.init)
+# without the checks that run first; the timeouts stop a regression early.
+def test_serve_on_a_busy_port_fails_before_ray_starts(tiny_index, busy_port):
+    proc = shardqa("serve", "--store", tiny_index, "--model", str(TINY), "--port", str(busy_port), timeout=60,
+                   env={"RAY_ADDRESS": ""})
+    assert_one_line_error(proc, f"127.0.0.1:{busy_port} is already in use")
+    assert "starting" not in proc.stderr
+
+
+@pytest.mark.parametrize("command", ["serve", "demo"])
+@pytest.mark.parametrize("host, reason", [
+    ("999.1.1.1", "not an IP address or a known host name"),
+    ("nosuchhost.invalid", "not an IP address or a known host name"),
+    ("192.0.2.1", "not an address of this machine"),  # TEST-NET-1: never assigned to a host
+])
+def test_a_host_that_cannot_be_bound_is_named_as_such(tiny_index, tmp_path, command, host, reason):
+    args = ["--store", tiny_index] if command == "serve" else ["--workdir", str(tmp_path)]
+    proc = shardqa(command, *args, "--model", str(TINY), "--host", host, "--port", str(free_port()), timeout=60,
+                   env={"RAY_ADDRESS": ""})
+    assert_one_line_error(proc, f"cannot serve on {host}: ")
+    assert reason in proc.stderr and "already in use" not in proc.stderr
+
+
+def test_check_bind_tells_the_reasons_apart(busy_port):
+    from shardqa.services.runtime import StartupError, check_bind
+
+    check_bind("127.0.0.1", free_port())
+    with pytest.raises(StartupError, match="already in use"):
+        check_bind("127.0.0.1", busy_port)
+    with pytest.raises(StartupError, match="not an address of this machine"):
+        check_bind("192.0.2.1", free_port())
+    with pytest.raises(StartupError, match="not an IP address"):
+        check_bind("999.1.1.1", free_port())
+
+
+@pytest.mark.parametrize("env, args", [({}, ["--ray-address", "127.0.0.1:{port}"]), ({"RAY_ADDRESS": "127.0.0.1:{port}"}, [])])
+def test_serve_with_no_ray_cluster_at_the_address_fails_at_once(tiny_index, env, args):
+    port = str(free_port())
+    t0 = time.monotonic()
+    proc = shardqa("serve", "--store", tiny_index, "--model", str(TINY), *(a.format(port=port) for a in args), timeout=60,
+                   env={k: v.format(port=port) for k, v in env.items()})
+    assert_one_line_error(proc, f"no Ray cluster at 127.0.0.1:{port}")
+    assert time.monotonic() - t0 < 30
+
+
+def test_serve_with_an_unreachable_answer_cache_fails_at_once(tiny_index):
+    proc = shardqa("serve", "--store", tiny_index, "--model", str(TINY), "--port", str(free_port()),
+                   "--cache-url", f"redis://127.0.0.1:{free_port()}/0", timeout=60, env={"RAY_ADDRESS": ""})
+    assert_one_line_error(proc, "the answer cache: cannot reach Redis at redis://127.0.0.1:")
+    proc = shardqa("serve", "--store", tiny_index, "--model", str(TINY), "--port", str(free_port()),
+                   timeout=60, env={"RAY_ADDRESS": "", "SHARDQA_CACHE_URL": "http://127.0.0.1:1"})
+    assert_one_line_error(proc, "the answer cache: not a Redis URL")
+
+
+@pytest.mark.parametrize("command", ["serve", "demo"])
+@pytest.mark.parametrize("port", ["0", "70000"])
+def test_ports_out_of_range_are_refused_by_the_option(tmp_path, command, port):
+    proc = shardqa(command, "--model", str(TINY), "--workdir" if command == "demo" else "--store", str(tmp_path), "--port", port)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "Invalid value for '--port'" in proc.stderr and "validation error" not in proc.stderr
+
+
+def test_demo_takes_host_and_port_from_the_settings(tmp_path, busy_port):
+    proc = shardqa("demo", "--model", str(TINY), "--workdir", str(tmp_path), env={"SHARDQA_PORT": str(busy_port)})
+    assert_one_line_error(proc, f"127.0.0.1:{busy_port} is already in use")
+    proc = shardqa("demo", "--model", str(TINY), "--workdir", str(tmp_path), env={"SHARDQA_HOST": "999.1.1.1"})
+    assert_one_line_error(proc, "cannot serve on 999.1.1.1")
+    proc = shardqa("demo", "--model", str(TINY), "--workdir", str(tmp_path), env={"SHARDQA_PORT": "0"})
+    assert_one_line_error(proc, "invalid setting SHARDQA_PORT='0': Input should be greater than or equal to 1")
+
+
+@pytest.mark.parametrize("timeout", ["-1", "0", "nan", "inf"])
+def test_query_refuses_a_timeout_that_is_not_a_positive_number(timeout):
+    proc = shardqa("query", "Who?", "--url", f"http://127.0.0.1:{free_port()}", "--timeout", timeout)
+    assert_one_line_error(proc, "--timeout must be a positive number of seconds")
+
+
+def test_the_client_accepts_a_base_url_with_a_trailing_slash():
+    import httpx
+
+    from shardqa.services.client import ask
+
+    paths = []
+
+    def answer(request):
+        paths.append(request.url.path)
+        return httpx.Response(200, json={"answers": [], "cached": False, "index_version": "v"})
+
+    with httpx.Client(transport=httpx.MockTransport(answer)) as client:
+        for url in ("http://127.0.0.1:8000/", "http://127.0.0.1:8000//", "http://127.0.0.1:8000"):
+            assert ask(url, "Who?", client=client)["index_version"] == "v"
+    assert paths == ["/v1/answer"] * 3
+
+
 def test_query_without_a_service_fails_in_one_line():
     proc = shardqa("query", "Who?", "--url", f"http://127.0.0.1:{free_port()}")
     assert_one_line_error(proc, "cannot reach")
@@ -67,6 +180,34 @@ def test_demo_index_is_built_once_and_rebuilt_when_inputs_change(tmp_path):
     v3, reused3 = demo_index(DEFAULT_SAMPLE_CORPUS, store, 3, str(TINY), tok)
     assert (reused1, reused2, reused3) == (False, True, False)
     assert v1 == v2 != v3
+
+
+def test_demo_index_is_rebuilt_when_the_encoder_is_switched_on_or_off(tmp_path, monkeypatch):
+    from shardqa.config import DEFAULT_SAMPLE_CORPUS, get_settings
+    from shardqa.preprocessing.store import open_store
+    from shardqa.services.demo import demo_index
+    from shardqa.tokenization import TextTokenizer
+
+    tok = TextTokenizer.from_pretrained(TINY)
+    store = tmp_path / "index"
+    monkeypatch.setenv("SHARDQA_CACHE_DIR", str(tmp_path / "cache"))
+
+    def build(encoder_setting):
+        monkeypatch.setenv("SHARDQA_ROUTE_ENCODER", encoder_setting)
+        get_settings.cache_clear()
+        try:
+            version, reused = demo_index(DEFAULT_SAMPLE_CORPUS, store, 2, str(TINY), tok)
+        finally:
+            get_settings.cache_clear()
+        return reused, open_store(str(store)).manifest(version).params.get("encoder")
+
+    # The tiny model's BERT body stands in for an encoder.
+    assert build("none") == (False, None)
+    assert build("none") == (True, None)
+    reused, enc = build(str(TINY))
+    assert not reused and enc is not None
+    assert build(str(TINY)) == (True, enc)
+    assert build("none") == (False, None)
 
 
 @pytest.mark.ray

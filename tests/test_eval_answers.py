@@ -122,3 +122,20 @@ def test_a_question_the_service_refuses_scores_as_an_empty_answer(index, reader)
 
     with pytest.raises(InvalidRequest, match="refused all 1 questions"):
         evaluate_answers(settings(index), examples[1:2], reader=reader, progress=False)
+
+
+def test_an_index_of_another_corpus_is_refused_as_eval_route_refuses_it(index, tmp_path, monkeypatch, capsys):
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"data": [{"title": "Elsewhere", "paragraphs": [{
+        "context": "Nothing here is in the sample corpus.",
+        "qas": [{"id": "q1", "question": "What is here?", "answers": [{"text": "Nothing", "answer_start": 0}]}]}]}]}))
+    from shardqa.cli import main
+
+    monkeypatch.setattr("sys.argv", ["shardqa", "eval-answers", str(other), "--store", index, "--model", str(TINY),
+                                     "--backend", "torch", "--limit", "5", "--json"])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.startswith("error: the index (version ") and "was not built from" in out.err
+    assert f"shardqa index {other} --store {index}" in out.err

@@ -311,3 +311,22 @@ def test_index_command_summary_and_errors(tmp_path):
     assert plain.returncode == 0, plain.stderr
     assert "dense vectors: none" in plain.stdout and "encoder" not in open_store(str(tmp_path / "plain")).manifest().params
     assert open_store(str(store)).manifest().num_documents == 2
+
+
+def test_an_encoder_switched_off_is_not_reported_as_missing(tmp_path, tokenizer, monkeypatch, caplog):
+    import logging
+
+    from shardqa.config import get_settings
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", DOCS)
+    monkeypatch.setenv("SHARDQA_ROUTE_ENCODER", "none")
+    get_settings.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING):
+            result = build_index_report(corpus, open_store(str(tmp_path / "idx")), 2, TINY, tokenizer=tokenizer)
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+    assert "encoder" not in result.manifest.params
+    assert "the encoder is switched off (SHARDQA_ROUTE_ENCODER=none)" in caplog.text
+    assert "no encoder installed" not in caplog.text and "pip install" not in caplog.text

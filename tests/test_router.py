@@ -306,3 +306,25 @@ def test_eval_route_refuses_a_non_squad_file(index, tmp_path):
     bad.write_text("[1, 2]")
     with pytest.raises(CorpusError, match="not a SQuAD file"):
         evaluate_routing(router, store, bad)
+
+
+def test_an_encoder_switched_off_is_not_reported_as_missing(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from shardqa.config import get_settings
+    from shardqa.router import Router
+
+    # The tiny model's BERT body stands in for the encoder that made the vectors.
+    store = open_store(str(tmp_path / "index"))
+    assert "encoder" in build_index(SAMPLE, store, 2, TINY, encoder=str(TINY)).params
+    monkeypatch.setenv("SHARDQA_ROUTE_ENCODER", "none")
+    get_settings.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING):
+            router = Router.from_store(store)
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+    assert not router.uses_dense
+    assert "the encoder is switched off (SHARDQA_ROUTE_ENCODER=none): routing lexically" in caplog.text
+    assert "none is installed here" not in caplog.text

