@@ -164,9 +164,12 @@ def build_index_report(
     t = time.perf_counter()
     # Fail fast, before any real work: a missing model, an unreachable store, a bad corpus.
     if tokenizer is None:
-        from shardqa.services.reader import resolve_model_dir
+        from shardqa.services.reader import is_hub_id, resolve_model_dir
 
-        model_dir = resolve_model_dir(str(model), settings.cache_dir)
+        # A local folder is checked here; a hub id is left to the tokenizer,
+        # which fetches its own files only, not the whole model.
+        if not is_hub_id(str(model)):
+            resolve_model_dir(str(model), settings.cache_dir)
     store = store_url if isinstance(store_url, IndexStore) else open_store(store_url)
     if hasattr(store, "ping"):
         store.ping()
@@ -174,7 +177,7 @@ def build_index_report(
     docs: list[Document] = report.documents
     t = phase("read", t)
     if tokenizer is None:
-        tokenizer = TextTokenizer.from_pretrained(model_dir)
+        tokenizer = TextTokenizer.from_pretrained(model)
     t = phase("load_tokenizer", t)
     dense_encoder = _index_encoder(encoder, settings)
     if dense_encoder is not None:
@@ -391,13 +394,12 @@ def build_index_report(
 
 def _index_encoder(spec, settings):
     """The encoder that embeds passages at index time, or None (no dense vectors)."""
-    from shardqa.router.encoder import DenseEncoder, encoder_switched_off, load_encoder, resolve_encoder_dir
+    from shardqa.router.encoder import DenseEncoder, configured_encoder, encoder_switched_off, load_encoder, resolve_encoder_dir
 
     if isinstance(spec, DenseEncoder):
         return spec
     explicit = not (isinstance(spec, str) and spec.strip().lower() == "auto")
-    if not explicit:
-        spec = getattr(settings, "route_encoder", "auto")
+    spec = configured_encoder(spec, settings)
     folder = resolve_encoder_dir(spec)
     if folder is None:
         if not explicit:

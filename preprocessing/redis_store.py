@@ -42,6 +42,7 @@ from shardqa.preprocessing.store import (
     bytes_to_array,
     pack_shard,
 )
+from shardqa.redis_url import redact_url
 
 DEFAULT_PREFIX = "shardqa"
 #: Values larger than this are split into numbered parts (Redis' default
@@ -65,20 +66,13 @@ def check_redis(url: str, what: str = "Redis") -> None:
         raise StoreError(f"{what}: {exc}") from None
 
 
-def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(":" + parts.password + "@", ":***@")
-        return parts._replace(netloc=netloc).geturl()
-    return url
-
-
 class RedisStore(IndexStore):
     def __init__(self, url: str, socket_timeout: float = 10.0):
         import redis
 
-        self.url = _redact(url)
-        self._redis_errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+        self.url = redact_url(url)
+        # RedisClusterException (no startup node answered) is not a RedisError.
+        self._redis_errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.RedisClusterException)
         self._response_error = redis.exceptions.RedisError
         parts = urlsplit(url)
         scheme = parts.scheme.lower()

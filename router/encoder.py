@@ -68,6 +68,18 @@ def encoder_switched_off(spec: str | os.PathLike | None) -> bool:
     return spec is None or str(spec).strip().lower() in ("", "none", "off")
 
 
+def configured_encoder(spec, settings=None):
+    """``spec`` with "auto" read as the ``route_encoder`` setting (whose own
+    "auto" means the installed default)."""
+    if isinstance(spec, str) and spec.strip().lower() == "auto":
+        if settings is None:
+            from shardqa.config import get_settings
+
+            settings = get_settings()
+        return getattr(settings, "route_encoder", "auto")
+    return spec
+
+
 def encoder_fingerprint(spec: str | os.PathLike | None) -> str | None:
     """The fingerprint an index built with encoder ``spec`` records for its
     vectors (None: it gets none), without loading or exporting the network."""

@@ -308,7 +308,7 @@ def _route_encoder(manifest, spec):
     from shardqa.router.encoder import DenseEncoder, encoder_switched_off, load_encoder, resolve_encoder_dir
 
     info = manifest.params.get("encoder")
-    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "none", "off")):
+    if spec is None or (isinstance(spec, str) and encoder_switched_off(spec)):
         return None
     auto = isinstance(spec, str) and spec.strip().lower() == "auto"
     if not info:

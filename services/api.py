@@ -87,7 +87,7 @@ class RequestGate:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         t0 = time.perf_counter()
-        path = scope.get("path", "")
+        path = _app_path(scope)
         status_holder = [500]
 
         async def send_recording(message):
@@ -97,7 +97,7 @@ class RequestGate:
 
         try:
             if scope.get("method") in ("POST", "PUT", "PATCH"):
-                if path in JSON_BODIES and not _is_json(scope):
+                if scope.get("method") == "POST" and path in JSON_BODIES and not _is_json(scope):
                     # Without this, `curl -d '{...}'` (a form content type)
                     # gets a validation error that never names the cause.
                     media = _content_type(scope)
@@ -154,6 +154,13 @@ class RequestGate:
 
     async def _too_large(self, scope, receive, send) -> None:
         await error_response(413, "request_too_large", f"the request body is larger than {self.max_body_bytes} bytes")(scope, receive, send)
+
+
+def _app_path(scope) -> str:
+    """The path within the app: Serve (under a route prefix) keeps the
+    prefix in `path` and puts it in `root_path` too."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root):] or "/" if root and path.startswith(root) else path
 
 
 def _content_type(scope) -> str:

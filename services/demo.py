@@ -33,13 +33,10 @@ def demo_index(corpus: Path, store_dir: Path, shards: int, model: str, tokenizer
     takes it) is already there; (version, reused)."""
     from shardqa.preprocessing.build import build_index
     from shardqa.preprocessing.store import open_store
-    from shardqa.router.encoder import encoder_fingerprint
+    from shardqa.router.encoder import configured_encoder, encoder_fingerprint
 
     stamp_file = store_dir / "demo-stamp.json"
-    if encoder.strip().lower() == "auto":
-        from shardqa.config import get_settings
-
-        encoder = get_settings().route_encoder
+    encoder = configured_encoder(encoder)
     stamp = {
         "corpus_sha256": hashlib.sha256(corpus.read_bytes()).hexdigest(),
         "shards": shards,
@@ -104,7 +101,8 @@ def run_demo(
     version, reused = demo_index(corpus, store_dir, shards, str(model_dir), tokenizer)
     echo(f"  index {version}: {'reused' if reused else 'built'} in {time.perf_counter() - t_index:.1f} s ({store_dir})")
 
-    settings = settings_with({"store": str(store_dir), "host": host, "port": port}, base=base)
+    # The demo's cache is in-process, as documented, whatever SHARDQA_CACHE_URL says.
+    settings = settings_with({"store": str(store_dir), "host": host, "port": port, "cache_url": None}, base=base)
     config = make_service_config(settings, shards)
     echo(f"  starting embedded Ray Serve: {shards} shard deployments + ingress ...")
     running = deploy(config, host, port, address=None, quiet=not verbose)

@@ -27,7 +27,7 @@ from itertools import chain
 from shardqa.config import Settings
 from shardqa.errors import InvalidQuestion, InvalidRequest, ServiceUnavailable, ShardQAError, TokenizerMismatch
 from shardqa.monitoring import metrics
-from shardqa.services.answer_cache import AnswerCache, cache_key, canonical_question
+from shardqa.services.answer_cache import AnswerCache, cache_key, canonical_question, normalise_question
 from shardqa.services.questions import QuestionChecker
 from shardqa.services.shard_client import ShardClient
 from shardqa.services.shard_worker import ShardQuery
@@ -44,8 +44,9 @@ class IndexView:
     version: str
     manifest: object  # shardqa.preprocessing.store.IndexManifest
     router: object  # shardqa.router.Router
-    #: What besides the index version decides an answer (the shards' model,
-    #: the router's encoder, the reading settings), hashed into cache keys:
+    #: What besides the index version decides an answer (the readers' model
+    #: and window settings, the router's encoder, the reading settings),
+    #: hashed into cache keys:
     #: ingress replicas sharing one Redis across a redeploy never serve the
     #: old configuration's answers.
     scope: str = ""
@@ -86,8 +87,11 @@ def encode_answers(answers: list[Answer]) -> bytes:
 
 
 class QAService:
-    def __init__(self, settings: Settings, store, shards: ShardClient, checker: QuestionChecker, cache: AnswerCache):
+    def __init__(self, settings: Settings, store, shards: ShardClient, checker: QuestionChecker, cache: AnswerCache,
+                 answer_fingerprint: str = ""):
         self.settings = settings
+        #: services.reader.answer_fingerprint of the shards' settings (cache keys).
+        self.answer_fingerprint = answer_fingerprint
         self.store = store
         self.shards = shards
         self.checker = checker
@@ -110,12 +114,13 @@ class QAService:
     @classmethod
     def create(cls, settings: Settings, shards: ShardClient) -> "QAService":
         from shardqa.preprocessing.store import open_store
+        from shardqa.services.reader import answer_fingerprint
         from shardqa.tokenization import TextTokenizer
 
         tokenizer = TextTokenizer.from_pretrained(settings.model)
         checker = QuestionChecker.for_settings(settings, tokenizer)
         cache = AnswerCache.from_url(settings.cache_url, settings.cache_ttl_s, settings.cache_timeout_s)
-        return cls(settings, open_store(settings.store), shards, checker, cache)
+        return cls(settings, open_store(settings.store), shards, checker, cache, answer_fingerprint(settings))
 
     # --- index versions -----------------------------------------------------------
 
@@ -188,7 +193,7 @@ class QAService:
             # Every shard holds the new version before any request uses it.
             statuses = await asyncio.gather(*(self.shards.prepare(s, version) for s in range(shards)))
             self.model_id = statuses[0].model_id
-            view = replace(view, scope=self._scope(view, statuses[0].model_fingerprint or self.model_id))
+            view = replace(view, scope=self._scope(view, self.answer_fingerprint))
             old, self.view = self.view, view
             self.view_problem = ""
             metrics.set_index_info(version, self.model_id, shards)
@@ -262,14 +267,21 @@ class QAService:
 
     async def _answer_checked(self, view: IndexView, text: str, top_k: int, position: int | None = None) -> Outcome:
         """`text` is canonical: the key is made from exactly what the stages read."""
-        key = cache_key(view.version, text.lower() if view.folds_case else text, top_k, view.scope)
+        key = cache_key(view.version, normalise_question(text, view.folds_case), top_k, view.scope)
         try:
-            result = await self.cache.get_or_compute(key, lambda: self._infer(view, text, top_k))
+            result = await self.cache.get_or_compute(key, lambda: self._infer_in_time(view, text, top_k))
         except ShardQAError as exc:
             if position is None:
                 raise
             raise _at_position(exc, position) from None
         return Outcome(result.value, result.shared, view.version)
+
+    async def _infer_in_time(self, view: IndexView, question: str, top_k: int) -> bytes:
+        limit = self.settings.answer_timeout_s
+        try:
+            return await asyncio.wait_for(self._infer(view, question, top_k), limit)
+        except TimeoutError:
+            raise ServiceUnavailable(f"no answer within {limit:g} s: the shards are overloaded or stuck") from None
 
     def _tokenize_and_route(self, view: IndexView, question: str):
         t0 = time.perf_counter()

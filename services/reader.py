@@ -55,14 +55,10 @@ def passage_from_text(tokenizer: TextTokenizer, text: str, passage_id: str = "co
 
 
 class Reader:
-    def __init__(self, tokenizer: TextTokenizer, backend, model_id: str, *, max_seq_len: int, doc_stride: int, max_answer_len: int, max_question_len: int, max_question_chars: int, handle_impossible_answer: bool, max_batch_windows: int = 64, fingerprint: str = ""):
+    def __init__(self, tokenizer: TextTokenizer, backend, model_id: str, *, max_seq_len: int, doc_stride: int, max_answer_len: int, max_question_len: int, max_question_chars: int, handle_impossible_answer: bool, max_batch_windows: int = 64):
         self.tokenizer = tokenizer
         self.backend = backend
         self.model_id = model_id
-        #: What decides this reader's answers: the weights (a retrained model
-        #: may keep its name), the backend, and the window settings.
-        self.fingerprint = fingerprint or f"{model_id}/{getattr(backend, 'name', '')}"
-        self.fingerprint += f"/{max_seq_len}/{doc_stride}/{max_answer_len}/{int(handle_impossible_answer)}"
         self.max_seq_len = max_seq_len
         self.doc_stride = doc_stride
         self.max_answer_len = max_answer_len
@@ -74,7 +70,7 @@ class Reader:
 
     @classmethod
     def load(cls, model: str | Path | None = None, backend: str | None = None, *, settings: Settings | None = None, max_seq_len: int | None = None, doc_stride: int | None = None, max_answer_len: int | None = None, handle_impossible_answer: bool | None = None, threads: int | None = None, providers: list[str] | None = None, device: str | None = None) -> "Reader":
-        from shardqa.services.backends import load_backend, model_hash, resolve_device
+        from shardqa.services.backends import load_backend, resolve_device
 
         s = settings or get_settings()
         model_dir = resolve_model_dir(str(model or s.model), s.cache_dir)
@@ -99,7 +95,6 @@ class Reader:
             tokenizer,
             be,
             model_id=_model_id(model_dir),
-            fingerprint=f"{_model_id(model_dir)}@{model_hash(model_dir)}/{be.name}",
             max_seq_len=seq,
             doc_stride=stride,
             max_answer_len=max_answer_len or s.max_answer_len,
@@ -310,6 +305,11 @@ class Reader:
 
 # --- model folder checks ------------------------------------------------------------
 
+def is_hub_id(model: str) -> bool:
+    """Whether `model`, not being a local folder, reads as a model hub id (name or owner/name)."""
+    return not Path(model).expanduser().exists() and re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", model) is not None
+
+
 def resolve_model_dir(model: str, cache_dir: Path) -> Path:
     """A local folder, or a hub id downloaded where a network exists."""
     path = Path(model).expanduser()
@@ -317,7 +317,7 @@ def resolve_model_dir(model: str, cache_dir: Path) -> Path:
         return path
     if path.exists():
         raise ModelNotFound(f"model {model} is a file, not a model directory")
-    if re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", model):
+    if is_hub_id(model):
         try:
             from huggingface_hub import snapshot_download
 
@@ -325,6 +325,19 @@ def resolve_model_dir(model: str, cache_dir: Path) -> Path:
         except Exception as exc:  # offline, unknown id, auth...
             raise ModelNotFound(f"model {model!r} is not a local folder and could not be fetched: {str(exc).splitlines()[0]}") from None
     raise ModelNotFound(f"model directory {model} does not exist")
+
+
+def answer_fingerprint(settings: Settings) -> str:
+    """What the shards' readers built from `settings` answer with: the
+    weights (a retrained model may keep its name), the backend and the window
+    settings. The ingress computes it from the same settings the shards get,
+    so it never depends on which replica it asked during a rollout."""
+    from shardqa.services.backends import model_hash
+
+    model_dir = resolve_model_dir(str(settings.model), settings.cache_dir)
+    s = settings
+    return (f"{_model_id(model_dir)}@{model_hash(model_dir)}/{s.backend}/{s.max_seq_len}/{s.doc_stride}/"
+            f"{s.max_answer_len}/{int(s.handle_impossible_answer)}")
 
 
 def check_model_folder(model_dir: Path) -> dict:

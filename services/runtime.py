@@ -131,29 +131,30 @@ def check_bind(host: str, port: int) -> None:
     except OverflowError:
         raise StartupError(f"port {port} is out of range (1-65535)") from None
     fam, kind, proto, _, addr = infos[0]
-    with socket.socket(fam, kind, proto) as s:
-        # As the HTTP server does: connections of an earlier run still in
-        # TIME_WAIT must not make a free port look busy.
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
+    try:
+        # (Inside the try: a host without IPv6 refuses the socket itself.)
+        with socket.socket(fam, kind, proto) as s:
+            # As the HTTP server does: connections of an earlier run still in
+            # TIME_WAIT must not make a free port look busy.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(addr)
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise StartupError(f"{host}:{port} is already in use; pass --port to pick another") from None
-            if exc.errno == errno.EADDRNOTAVAIL:
-                raise StartupError(f"cannot serve on {host}: it is not an address of this machine; "
-                                   "pass --host (e.g. 127.0.0.1 or 0.0.0.0)") from None
-            if exc.errno == errno.EACCES:
-                raise StartupError(f"no permission to listen on port {port} of {host} "
-                                   "(ports below 1024 need privileges); pass --port to pick another") from None
-            raise StartupError(f"cannot serve on {host}:{port}: {exc.strerror or exc}") from None
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise StartupError(f"{host}:{port} is already in use; pass --port to pick another") from None
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise StartupError(f"cannot serve on {host}: it is not an address of this machine; "
+                               "pass --host (e.g. 127.0.0.1 or 0.0.0.0)") from None
+        if exc.errno == errno.EACCES:
+            raise StartupError(f"no permission to listen on port {port} of {host} "
+                               "(ports below 1024 need privileges); pass --port to pick another") from None
+        raise StartupError(f"cannot serve on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def check_reachable(address: str | None, timeout_s: float = 5.0) -> None:
     """Fail at once when a ``host:port`` Ray address has nothing listening:
     `ray.init` would otherwise retry the GCS for minutes."""
-    if not address or address == "auto" or "://" in address:
-        return  # `auto` fails fast by itself; ray:// clients have their own timeout
+    if not address or address in ("auto", "local") or "://" in address:
+        return  # `auto` fails fast by itself, `local` starts a cluster; ray:// clients have their own timeout
     host, _, port = address.rpartition(":")
     try:
         socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout_s).close()

@@ -53,9 +53,6 @@ class ShardStatus:
     versions: tuple[str, ...]
     passages: int
     model_id: str
-    #: Identity of everything in the replica that decides answers (weights,
-    #: backend, window settings); part of the answer cache's key.
-    model_fingerprint: str = ""
 
 
 class ShardWorker:
@@ -109,8 +106,7 @@ class ShardWorker:
         with self._state_lock:
             versions = tuple(self._versions)
             newest = len(self._versions[versions[-1]]) if versions else 0
-        reader = self.reader
-        return ShardStatus(self.shard, versions, newest, reader.model_id, getattr(reader, "fingerprint", reader.model_id))
+        return ShardStatus(self.shard, versions, newest, self.reader.model_id)
 
     # --- answering ---------------------------------------------------------------
 

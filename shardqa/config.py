@@ -131,6 +131,9 @@ class Settings(BaseSettings):
     cache_url: str | None = Field(None, description="Redis URL for the answer cache; none = in-process cache")
     cache_ttl_s: int = Field(3600, ge=1)
     cache_timeout_s: float = Field(0.05, gt=0, description="a slower cache counts as down for this request")
+    # A computation runs on after its client hangs up (others may be waiting
+    # for the same answer), so something must bound a stuck one.
+    answer_timeout_s: float = Field(30.0, gt=0, description="an uncached answer not ready by then is a 503")
 
     # --- targets (alerts, dashboards, benchmark verdicts) --------------------------
     target_p50_ms: float = 20.0
@@ -163,16 +166,15 @@ def settings_in_force(settings: Settings) -> dict:
     """Every setting as JSON-safe values: paths as text, inf as "inf", and
     passwords in URLs (a Redis store or cache) replaced by ***."""
     from math import isfinite
-    from urllib.parse import urlsplit
+
+    from shardqa.redis_url import redact_url
 
     out = {}
     for name, value in settings.model_dump(mode="json").items():
         if isinstance(value, float) and not isfinite(value):
             value = str(value)
         elif isinstance(value, str) and "://" in value:
-            parts = urlsplit(value)
-            if parts.password:
-                value = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")).geturl()
+            value = redact_url(value)
         out[name] = value
     return out
 

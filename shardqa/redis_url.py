@@ -34,10 +34,15 @@ class RedisURL:
 
     @property
     def redacted(self) -> str:
-        parts = urlsplit(self.url)
-        if parts.password:
-            return parts._replace(netloc=parts.netloc.replace(":" + parts.password + "@", ":***@")).geturl()
-        return self.url
+        return redact_url(self.url)
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password (if any) shown as ***, fit for logs and messages."""
+    parts = urlsplit(url)
+    if parts.password:
+        return parts._replace(netloc=parts.netloc.replace(":" + parts.password + "@", ":***@")).geturl()
+    return url
 
 
 def parse_redis_url(url: str) -> RedisURL:

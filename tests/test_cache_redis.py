@@ -127,7 +127,10 @@ def test_a_peer_that_fails_releases_its_waiters_at_once(redis_server):
     a = AnswerCache(RedisBackend(redis_server.url, 5.0), ttl_s=60, timeout_s=5.0, lock_ttl_ms=5000)
     b = AnswerCache(RedisBackend(redis_server.url, 5.0), ttl_s=60, timeout_s=5.0, lock_ttl_ms=5000)
 
+    computing = asyncio.Event()
+
     async def failing():
+        computing.set()  # a holds the lock now
         await asyncio.sleep(0.1)
         raise RuntimeError("shard down")
 
@@ -136,7 +139,7 @@ def test_a_peer_that_fails_releases_its_waiters_at_once(redis_server):
 
     async def scenario():
         first = asyncio.ensure_future(a.get_or_compute("q", failing))
-        await asyncio.sleep(0.03)  # a holds the lock now
+        await computing.wait()
         t0 = time.monotonic()
         result = await b.get_or_compute("q", later)
         waited = time.monotonic() - t0

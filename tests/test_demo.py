@@ -114,10 +114,21 @@ def test_serve_with_no_ray_cluster_at_the_address_fails_at_once(tiny_index, env,
     assert time.monotonic() - t0 < 30
 
 
+def test_addresses_ray_resolves_by_itself_are_not_probed():
+    from shardqa.services.runtime import check_reachable
+
+    for address in (None, "", "auto", "local", "ray://head:10001"):
+        check_reachable(address)  # no error, no connection attempt
+
+
 def test_serve_with_an_unreachable_answer_cache_fails_at_once(tiny_index):
     proc = shardqa("serve", "--store", tiny_index, "--model", str(TINY), "--port", str(free_port()),
                    "--cache-url", f"redis://127.0.0.1:{free_port()}/0", timeout=60, env={"RAY_ADDRESS": ""})
     assert_one_line_error(proc, "the answer cache: cannot reach Redis at redis://127.0.0.1:")
+    # A Redis Cluster URL with no node answering (redis-py raises a non-Redis error for it).
+    proc = shardqa("serve", "--store", tiny_index, "--model", str(TINY), "--port", str(free_port()),
+                   "--cache-url", f"redis+cluster://127.0.0.1:{free_port()}", timeout=60, env={"RAY_ADDRESS": ""})
+    assert_one_line_error(proc, "the answer cache: cannot reach Redis at redis+cluster://127.0.0.1:")
     proc = shardqa("serve", "--store", tiny_index, "--model", str(TINY), "--port", str(free_port()),
                    timeout=60, env={"RAY_ADDRESS": "", "SHARDQA_CACHE_URL": "http://127.0.0.1:1"})
     assert_one_line_error(proc, "the answer cache: not a Redis URL")

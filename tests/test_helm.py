@@ -288,6 +288,15 @@ def test_worker_pods_hold_every_serve_replica(case):
             "serve needs 4 GPUs (4 shards x 1 replicasPerShard x 1 numGpusPerReplica) but the GPU workers have 2"
             " (gpuWorkers: 1 pods x 2 gpusPerPod); raise gpuWorkers.replicas or gpuWorkers.gpusPerPod",
         ),
+        # Enough CPUs in total, but no pod holds one replica; the autoscaler cannot help.
+        (
+            {"serve.numCpusPerReplica": 3, "cpuWorkers.replicas": 8, "autoscaling": True},
+            "one shard replica needs 3 CPUs (serve.numCpusPerReplica) but the largest worker pod gives Ray 2",
+        ),
+        (
+            {"gpuWorkers.enabled": True, "serve.numGpusPerReplica": 2, "gpuWorkers.replicas": 8},
+            "one shard replica needs 2 GPUs (serve.numGpusPerReplica) but a GPU worker pod has 1",
+        ),
     ],
 )
 def test_under_provisioned_workers_fail_with_what_to_raise(values, message):
@@ -637,9 +646,8 @@ def test_ray_pods_get_only_the_env_their_processes_read():
     specs = dict(pod_specs(docs))
     redis_env = {"REDIS_PASSWORD", "SHARDQA_STORE", "SHARDQA_CACHE_URL"}
     for where in ("rel-shardqa/head", "rel-shardqa/cpu"):
-        assert set(_env_names(specs[where])) == redis_env | {
-            "SHARDQA_MODEL", "SHARDQA_CACHE_TTL_S", "RAY_metrics_report_interval_ms"
-        }, where
+        # The model reaches the replicas through the serve args.
+        assert set(_env_names(specs[where])) == redis_env | {"SHARDQA_CACHE_TTL_S", "RAY_metrics_report_interval_ms"}, where
     job = specs["Job/rel-shardqa-index"]
     # The index build reads the shard count (and the model's tokenizer) from its environment.
     assert set(_env_names(job)) == redis_env | {"SHARDQA_MODEL", "SHARDQA_CACHE_TTL_S", "SHARDQA_SHARDS", "SHARDQA_CORPUS"}
@@ -658,9 +666,10 @@ def default_rayservice():
         {"serve.routeK": 8},
         {"serve.backend": "onnx"},
         {"serve.shards": 2},
+        {"serve.model": "/models/other-qa"},
         {"targets.p50Ms": 25, "targets.p99Ms": 80, "targets.cachedP50Ms": 2.5, "targets.errorRatio": 0.02},
     ],
-    ids=["ingressReplicas", "routeK", "backend", "shards", "targets"],
+    ids=["ingressReplicas", "routeK", "backend", "shards", "model", "targets"],
 )
 def test_serve_and_target_changes_keep_the_ray_cluster(values, default_rayservice):
     """KubeRay answers any change of rayClusterConfig with a whole new Ray
@@ -767,3 +776,12 @@ def test_redis_evicts_cache_entries_before_its_memory_limit():
     # Redis reads its config at start only: a new limit rolls the pods.
     checksum = lambda docs: the(docs, "StatefulSet")["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
     assert checksum(render({"redis.maxmemory": "1gb"})) != checksum(default)
+
+
+def test_a_byte_count_from_a_values_file_reaches_redis_as_an_integer(tmp_path):
+    """Numbers in a values file arrive as floats; Redis refuses `maxmemory 2e+09`."""
+    values = tmp_path / "values.yaml"
+    values.write_text("redis:\n  maxmemory: 2000000000\n")
+    out = run_helm("template", "rel", str(CHART), "-f", str(values)).stdout
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    assert "maxmemory 2000000000" in _redis_conf(docs)

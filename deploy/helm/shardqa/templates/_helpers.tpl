@@ -103,14 +103,10 @@ redis+cluster://:$(REDIS_PASSWORD)@{{ join "," $nodes }}
 {{/* Env of the Ray pods: what their processes read and the serve args do
 not carry. Everything here is part of rayClusterConfig, whose every change
 makes KubeRay bring up a whole new RayCluster, so settings that the serve args
-carry (shards, backend, route_k, ingress replicas) or that only the benchmark
-reads (targets) stay out. */}}
+carry (shards, backend, route_k, ingress replicas, model) or that only the
+benchmark reads (targets) stay out. */}}
 {{- define "shardqa.env" -}}
 {{ include "shardqa.redis.env" . }}
-{{- with .Values.serve.model }}
-- name: SHARDQA_MODEL
-  value: {{ . | quote }}
-{{- end }}
 {{- range $k, $v := .Values.serve.extraEnv }}
 - name: {{ $k }}
   value: {{ $v | quote }}
@@ -145,8 +141,9 @@ volumeMounts:
   - {name: ray-logs, mountPath: /tmp/ray}
 {{- end }}
 
-{{/* A Kubernetes CPU quantity ("2", 2, "1500m", 0.5) as a number: what
-KubeRay reads from a worker's container to set its num-cpus. */}}
+{{/* A CPU quantity ("2", 2, "1500m", 0.5; values.schema.json admits these
+forms) as a number: what KubeRay reads from a worker's container to set its
+num-cpus. */}}
 {{- define "shardqa.cpuQuantity" -}}
 {{- $q := toString . -}}
 {{- $units := dict "m" 0.001 "k" 1e3 "M" 1e6 "G" 1e9 "T" 1e12 "P" 1e15 "E" 1e18 "Ki" 1024.0 "Mi" 1048576.0 "Gi" 1073741824.0 "Ti" 1099511627776.0 "Pi" 1125899906842624.0 "Ei" 1152921504606846976.0 -}}
@@ -223,9 +220,14 @@ spec:
             {{- end }}
           env:
             {{- include "shardqa.env" . | nindent 12 }}
-            # After extraEnv, so the index always has serve.shards shards.
+            # After extraEnv, so the index always has serve.shards shards,
+            # tokenised by the model the shards serve.
             - name: SHARDQA_SHARDS
               value: {{ .Values.serve.shards | quote }}
+            {{- with .Values.serve.model }}
+            - name: SHARDQA_MODEL
+              value: {{ . | quote }}
+            {{- end }}
             - name: SHARDQA_CORPUS
               value: {{ .Values.index.corpus | quote }}
           terminationMessagePolicy: File
