@@ -56,23 +56,29 @@ def test_memory_backend_expires_and_bounds_entries(monkeypatch):
     asyncio.run(scenario())
 
 
+class Counted:
+    """An answer computation that takes a while and counts its runs."""
+
+    def __init__(self, value: bytes, seconds: float = 0.05):
+        self.value, self.seconds, self.calls = value, seconds, 0
+
+    async def __call__(self) -> bytes:
+        self.calls += 1
+        await asyncio.sleep(self.seconds)
+        return self.value
+
+
 def test_concurrent_misses_compute_once():
     cache = AnswerCache(MemoryBackend(), ttl_s=60, timeout_s=0.05)
-    calls = 0
-
-    async def compute():
-        nonlocal calls
-        calls += 1
-        await asyncio.sleep(0.05)
-        return b'[{"text":"Normans"}]'
+    compute = Counted(b'[{"text":"Normans"}]')
 
     async def scenario():
         results = await asyncio.gather(*(cache.get_or_compute("k", compute) for _ in range(20)))
-        assert calls == 1
+        assert compute.calls == 1
         assert {r.value for r in results} == {b'[{"text":"Normans"}]'}
         assert sum(not r.shared for r in results) == 1  # exactly one request ran inference
         again = await cache.get_or_compute("k", compute)
-        assert again.shared and calls == 1  # now a plain cache hit
+        assert again.shared and compute.calls == 1  # now a plain cache hit
 
     asyncio.run(scenario())
 
@@ -103,13 +109,7 @@ def test_a_caller_that_goes_away_does_not_fail_the_others():
     """The request that started a computation is cancelled (its client hung
     up): the computation goes on, the other callers get its value, and it is cached."""
     cache = AnswerCache(MemoryBackend(), ttl_s=60, timeout_s=0.05)
-    calls = 0
-
-    async def compute():
-        nonlocal calls
-        calls += 1
-        await asyncio.sleep(0.05)
-        return b"[1]"
+    compute = Counted(b"[1]")
 
     async def scenario():
         first = asyncio.ensure_future(cache.get_or_compute("k", compute))
@@ -122,7 +122,7 @@ def test_a_caller_that_goes_away_does_not_fail_the_others():
         assert result.value == b"[1]" and result.shared
         again = await cache.get_or_compute("k", compute)
         assert again.value == b"[1]" and again.shared
-        assert calls == 1
+        assert compute.calls == 1
 
     asyncio.run(scenario())
 
