@@ -39,7 +39,11 @@ class RunningService:
             serve.delete(self.app_name)
         finally:
             if self.embedded_ray:
-                serve.shutdown()
+                # No serve.shutdown(): the app's replicas are gone, and
+                # stopping the embedded Ray ends the controller and proxies
+                # with it; serve.shutdown() would kill the controller under
+                # its own pending shutdown call, which Ray reports as a
+                # failed task on every Ctrl-C.
                 ray.shutdown()
                 stop_haproxy(self.haproxy_before)
 
@@ -233,6 +237,11 @@ def deploy(config: ServiceConfig, host: str, port: int, *, address: str | None =
     # Access logs cost time on every request and say nothing /metrics does not.
     logging_config = LoggingConfig(enable_access_log=False, log_level="WARNING" if quiet else "INFO")
     serve.start(http_options=HTTPOptions(host=host, port=port), logging_config=logging_config)
+    if quiet:
+        # serve.start sets the driver's Serve logger to INFO, whose lines
+        # ("Connecting to existing Serve app", "Deleting app") say nothing a
+        # user of serve/demo needs.
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
     serve.run(build_graph(config), name=app_name, route_prefix="/", logging_config=logging_config)
     connect_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     return RunningService(f"http://{connect_host}:{port}", embedded, app_name, haproxy_before)
