@@ -168,8 +168,7 @@ def build_index_report(
 
         # A local folder is checked here; a hub id is left to the tokenizer,
         # which fetches its own files only, not the whole model.
-        if not is_hub_id(str(model)):
-            resolve_model_dir(str(model), settings.cache_dir)
+        model = str(model) if is_hub_id(str(model)) else resolve_model_dir(str(model), settings.cache_dir)
     store = store_url if isinstance(store_url, IndexStore) else open_store(store_url)
     if hasattr(store, "ping"):
         store.ping()

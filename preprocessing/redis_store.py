@@ -71,8 +71,10 @@ class RedisStore(IndexStore):
         import redis
 
         self.url = redact_url(url)
-        # RedisClusterException (no startup node answered) is not a RedisError.
-        self._redis_errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.RedisClusterException)
+        self._redis_errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+        # Not a RedisError: raised when no startup node answers, but also for
+        # a node without cluster mode or uncovered slots.
+        self._cluster_error = redis.exceptions.RedisClusterException
         self._response_error = redis.exceptions.RedisError
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
@@ -108,6 +110,10 @@ class RedisStore(IndexStore):
             raise
         except self._redis_errors as exc:
             raise StoreError(f"cannot reach Redis at {self.url}: {exc}") from None
+        except self._cluster_error as exc:
+            if "cannot be connected" in str(exc):
+                raise StoreError(f"cannot reach Redis at {self.url}: {exc}") from None
+            raise StoreError(f"Redis at {self.url} refused a cluster connection: {exc}") from None
         except (ValueError, self._response_error) as exc:
             raise StoreError(f"bad Redis store URL {self.url}: {exc}") from None
         #: the redis-py client (``redis.Redis`` or ``redis.cluster.RedisCluster``)

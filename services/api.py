@@ -47,7 +47,7 @@ ERRORS = {
     413: {"model": ErrorResponse, "description": "Request body too large"},
     415: {"model": ErrorResponse, "description": "The body is not sent as JSON (Content-Type must be application/json)"},
     422: {"model": ErrorResponse, "description": "Wrong field types, unknown fields, or values out of range"},
-    503: {"model": ErrorResponse, "description": "No index loaded yet, or a shard has no live replica"},
+    503: {"model": ErrorResponse, "description": "No index loaded yet, a shard has no live replica, or no answer within answer_timeout_s"},
 }
 
 

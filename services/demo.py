@@ -27,6 +27,15 @@ def sample_questions(corpus: Path) -> list[str]:
     return out
 
 
+def demo_settings(base, store_dir: Path, host: str, port: int):
+    """The demo's service settings: its own index, and an in-process cache, as
+    documented, whatever SHARDQA_CACHE_URL says."""
+    from shardqa.services.service_config import settings_with
+
+    # model_copy, as settings_with ignores None (its "not given").
+    return settings_with({"store": str(store_dir), "host": host, "port": port}, base=base).model_copy(update={"cache_url": None})
+
+
 def demo_index(corpus: Path, store_dir: Path, shards: int, model: str, tokenizer, encoder: str = "auto") -> tuple[str, bool]:
     """The demo's index version, built unless an index of this corpus, shard
     count, tokenizer and dense encoder (`encoder` as `shardqa index --encoder`
@@ -101,8 +110,7 @@ def run_demo(
     version, reused = demo_index(corpus, store_dir, shards, str(model_dir), tokenizer)
     echo(f"  index {version}: {'reused' if reused else 'built'} in {time.perf_counter() - t_index:.1f} s ({store_dir})")
 
-    # The demo's cache is in-process, as documented, whatever SHARDQA_CACHE_URL says.
-    settings = settings_with({"store": str(store_dir), "host": host, "port": port, "cache_url": None}, base=base)
+    settings = demo_settings(base, store_dir, host, port)
     config = make_service_config(settings, shards)
     echo(f"  starting embedded Ray Serve: {shards} shard deployments + ingress ...")
     running = deploy(config, host, port, address=None, quiet=not verbose)

@@ -279,8 +279,11 @@ class QAService:
     async def _infer_in_time(self, view: IndexView, question: str, top_k: int) -> bytes:
         limit = self.settings.answer_timeout_s
         try:
-            return await asyncio.wait_for(self._infer(view, question, top_k), limit)
+            async with asyncio.timeout(limit) as deadline:
+                return await self._infer(view, question, top_k)
         except TimeoutError:
+            if not deadline.expired():
+                raise  # a timeout of something inside, not the answer's deadline
             raise ServiceUnavailable(f"no answer within {limit:g} s: the shards are overloaded or stuck") from None
 
     def _tokenize_and_route(self, view: IndexView, question: str):

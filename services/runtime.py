@@ -112,7 +112,10 @@ def fast_ingress_env(enabled: bool) -> dict[str, str]:
 
 
 def ray_address(explicit: str | None) -> str | None:
-    return explicit or os.environ.get("RAY_ADDRESS") or None
+    """The Ray cluster to join, or None to start the embedded one (which is
+    what Ray's own "local" means, sized and stopped here)."""
+    address = explicit or os.environ.get("RAY_ADDRESS") or None
+    return None if address == "local" else address
 
 
 class StartupError(ShardQAError):
@@ -158,7 +161,7 @@ def check_reachable(address: str | None, timeout_s: float = 5.0) -> None:
     """Fail at once when a ``host:port`` Ray address has nothing listening:
     `ray.init` would otherwise retry the GCS for minutes."""
     if not address or address in ("auto", "local") or "://" in address:
-        return  # `auto` fails fast by itself, `local` starts a cluster; ray:// clients have their own timeout
+        return  # `auto` fails fast by itself, `local` is the embedded Ray; ray:// clients have their own timeout
     host, _, port = address.rpartition(":")
     try:
         socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout_s).close()
@@ -232,16 +235,18 @@ def deploy(config: ServiceConfig, host: str, port: int, *, address: str | None =
     from ray.serve.config import HTTPOptions
     from ray.serve.schema import LoggingConfig
 
+    # Importing Serve sets the driver's Serve logger to INFO, whose lines
+    # ("Started Serve", "Connecting to existing Serve app", "Deleting app")
+    # say nothing a user of serve/demo needs.
+    serve_log = logging.getLogger("ray.serve")
+    serve_log.setLevel(logging.WARNING if quiet else logging.INFO)
+
     haproxy_before = frozenset(haproxy_pids())
     embedded = start_ray(config, ray_address(address), quiet=quiet)
     # Access logs cost time on every request and say nothing /metrics does not.
     logging_config = LoggingConfig(enable_access_log=False, log_level="WARNING" if quiet else "INFO")
     serve.start(http_options=HTTPOptions(host=host, port=port), logging_config=logging_config)
-    if quiet:
-        # serve.start sets the driver's Serve logger to INFO, whose lines
-        # ("Connecting to existing Serve app", "Deleting app") say nothing a
-        # user of serve/demo needs.
-        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    serve_log.setLevel(logging.WARNING if quiet else logging.INFO)  # serve.start may have reset it
     serve.run(build_graph(config), name=app_name, route_prefix="/", logging_config=logging_config)
     connect_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     return RunningService(f"http://{connect_host}:{port}", embedded, app_name, haproxy_before)

@@ -341,3 +341,26 @@ def test_a_stuck_answer_is_a_503_after_answer_timeout_s():
             await service.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_timeout_inside_the_answer_is_not_reported_as_the_answer_deadline():
+    import asyncio
+    from dataclasses import replace
+
+    class BrokenRouter:
+        encoder = None
+
+        def route(self, question, k):
+            raise TimeoutError("a bug's own timeout")
+
+    service, view = _bare_service(answer_timeout_s=30)
+    service.view = replace(view, router=BrokenRouter())
+
+    async def scenario():
+        try:
+            with pytest.raises(TimeoutError, match="a bug's own timeout"):
+                await service.answer("Who lost the battle?")
+        finally:
+            await service.stop()
+
+    asyncio.run(scenario())

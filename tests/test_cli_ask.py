@@ -98,6 +98,19 @@ def test_every_command_names_a_missing_model_directory_alike(args, tmp_path):
     assert not data.exists()
 
 
+def test_index_takes_a_model_folder_under_the_home_directory(tmp_path):
+    import os
+
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copytree(TINY, home / "tiny-qa")
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"id": "a", "title": "A", "text": CTX}) + "\n", encoding="utf-8")
+    proc = shardqa("index", str(corpus), "--store", str(tmp_path / "idx"), "--shards", "1", "--model", "~/tiny-qa", "--quiet",
+                   env={**os.environ, "HOME": str(home), "SHARDQA_ROUTE_ENCODER": "none"})
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_a_model_folder_without_config_is_refused_by_train(tmp_path):
     (tmp_path / "empty").mkdir()
     proc = shardqa("train", str(tmp_path / "run"), "--base-model", str(tmp_path / "empty"), "--data-dir", str(tmp_path / "data"))

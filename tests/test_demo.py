@@ -114,11 +114,26 @@ def test_serve_with_no_ray_cluster_at_the_address_fails_at_once(tiny_index, env,
     assert time.monotonic() - t0 < 30
 
 
-def test_addresses_ray_resolves_by_itself_are_not_probed():
-    from shardqa.services.runtime import check_reachable
+def test_addresses_ray_resolves_by_itself_are_not_probed(monkeypatch):
+    from shardqa.services.runtime import check_reachable, ray_address
 
     for address in (None, "", "auto", "local", "ray://head:10001"):
         check_reachable(address)  # no error, no connection attempt
+    # Ray's "local" is the embedded Ray, which serve sizes, checks and stops itself.
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    assert ray_address(None) is None and ray_address("local") is None
+    assert ray_address("10.0.0.1:6379") == "10.0.0.1:6379"
+
+
+def test_the_demo_caches_in_process_whatever_the_environment_says(monkeypatch, tmp_path):
+    from shardqa.config import Settings
+    from shardqa.services.demo import demo_settings
+
+    monkeypatch.setenv("SHARDQA_CACHE_URL", "redis://127.0.0.1:1/0")
+    base = Settings()
+    assert base.cache_url == "redis://127.0.0.1:1/0"
+    settings = demo_settings(base, tmp_path / "index", "127.0.0.1", 8123)
+    assert settings.cache_url is None and settings.store == str(tmp_path / "index") and settings.port == 8123
 
 
 def test_serve_with_an_unreachable_answer_cache_fails_at_once(tiny_index):

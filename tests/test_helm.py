@@ -291,11 +291,26 @@ def test_worker_pods_hold_every_serve_replica(case):
         # Enough CPUs in total, but no pod holds one replica; the autoscaler cannot help.
         (
             {"serve.numCpusPerReplica": 3, "cpuWorkers.replicas": 8, "autoscaling": True},
-            "one shard replica needs 3 CPUs (serve.numCpusPerReplica) but the largest worker pod gives Ray 2",
+            "one shard replica needs 3 CPUs (serve.numCpusPerReplica) but the largest worker pod that can hold it gives Ray 2",
         ),
         (
             {"gpuWorkers.enabled": True, "serve.numGpusPerReplica": 2, "gpuWorkers.replicas": 8},
             "one shard replica needs 2 GPUs (serve.numGpusPerReplica) but a GPU worker pod has 1",
+        ),
+        # A GPU replica fits only on GPU pods, however big the CPU pods are.
+        (
+            {"gpuWorkers.enabled": True, "serve.numGpusPerReplica": 1, "serve.numCpusPerReplica": 4, "gpuWorkers.replicas": 4,
+             "gpuWorkers.resources": {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"cpu": "2", "memory": "8Gi"}},
+             "cpuWorkers.resources": {"requests": {"cpu": "8", "memory": "8Gi"}, "limits": {"cpu": "8", "memory": "8Gi"}}},
+            "the largest worker pod that can hold it (a GPU pod) gives Ray 2",
+        ),
+        # A group with no pods holds nothing.
+        (
+            {"gpuWorkers.enabled": True, "gpuWorkers.replicas": 8, "cpuWorkers.replicas": 0, "cpuWorkers.minReplicas": 0,
+             "serve.numCpusPerReplica": 3,
+             "cpuWorkers.resources": {"requests": {"cpu": "8", "memory": "8Gi"}, "limits": {"cpu": "8", "memory": "8Gi"}},
+             "gpuWorkers.resources": {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"cpu": "2", "memory": "8Gi"}}},
+            "the largest worker pod that can hold it gives Ray 2",
         ),
     ],
 )
