@@ -193,7 +193,7 @@ class QAService:
             # Every shard holds the new version before any request uses it.
             statuses = await asyncio.gather(*(self.shards.prepare(s, version) for s in range(shards)))
             self.model_id = statuses[0].model_id
-            view = replace(view, scope=self._scope(view, self.answer_fingerprint))
+            view = replace(view, scope=self._scope(view))
             old, self.view = self.view, view
             self.view_problem = ""
             metrics.set_index_info(version, self.model_id, shards)
@@ -212,9 +212,9 @@ class QAService:
         folds_case = self.checker.case_insensitive and (encoder is None or encoder.tokenizer.folds_case)
         return IndexView(version, self.store.manifest(version), router, folds_case=folds_case)
 
-    def _scope(self, view: IndexView, model_fingerprint: str) -> str:
+    def _scope(self, view: IndexView) -> str:
         encoder = getattr(view.router, "encoder", None)
-        parts = [model_fingerprint, encoder.fingerprint if encoder is not None else "lexical"]
+        parts = [self.answer_fingerprint, encoder.fingerprint if encoder is not None else "lexical"]
         parts += [f"{name}={getattr(self.settings, name)!r}" for name in READING_SETTINGS]
         return hashlib.blake2b("\x00".join(parts).encode(), digest_size=12).hexdigest()
 

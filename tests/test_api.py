@@ -262,43 +262,57 @@ def test_only_passages_near_the_best_route_score_are_read():
     assert [p.passage_id for p in passages_to_read(ps, 1.0)] == ["p0"]
 
 
-def _bare_service(**overrides):
-    """A QAService with a hand-made index view, for tests of its own logic."""
+class _FakeRouter:
+    """A router whose route() is the given function of the question."""
+
+    encoder = None
+
+    def __init__(self, route):
+        self._route = route
+
+    def route(self, question, k):
+        return self._route(question)
+
+
+def _slow_route(question):
+    import time
+
+    from shardqa.types import RouteResult
+
+    time.sleep(0.5)  # the dense encoder on a busy machine, or worse
+    return RouteResult(question, [])
+
+
+def _bare_service(route=None, **overrides):
+    """A QAService serving a hand-made index view whose router calls `route`,
+    for tests of the service's own logic."""
     from shardqa.services.qa_service import IndexView
 
     settings = settings_with({"model": str(TINY), "store": "unused", **overrides})
     service = QAService.create(settings, LocalShards([]))
-    return service, IndexView("v1", manifest=None, router=None)
+    service.view = IndexView("v1", manifest=None, router=_FakeRouter(route) if route else None)
+    return service
 
 
 def test_cache_scope_names_the_model_and_the_reading_settings():
-    service, view = _bare_service()
-    scope = service._scope(view, "model-a@123/onnx-int8")
-    assert scope == service._scope(view, "model-a@123/onnx-int8")
-    assert scope != service._scope(view, "model-a@456/onnx-int8")  # retrained weights, same name
-    other, _ = _bare_service(merge_route_weight=3.0)
-    assert other._scope(view, "model-a@123/onnx-int8") != scope
+    service = _bare_service()
+    service.answer_fingerprint = "model-a@123/onnx-int8"
+    scope = service._scope(service.view)
+    assert scope == service._scope(service.view)
+    service.answer_fingerprint = "model-a@456/onnx-int8"  # retrained weights, same name
+    assert service._scope(service.view) != scope
+    other = _bare_service(merge_route_weight=3.0)
+    other.answer_fingerprint = "model-a@123/onnx-int8"
+    assert other._scope(other.view) != scope
 
 
 def test_routing_runs_off_the_event_loop():
-    """A slow route (the dense encoder on a busy machine) must not hold up
-    cache hits that arrive meanwhile."""
+    """A slow route must not hold up cache hits that arrive meanwhile."""
     import asyncio
-    import time
-    from dataclasses import replace
 
     from shardqa.services.answer_cache import cache_key
-    from shardqa.types import RouteResult
 
-    class SlowRouter:
-        encoder = None
-
-        def route(self, question, k):
-            time.sleep(0.5)
-            return RouteResult(question, [])
-
-    service, view = _bare_service()
-    service.view = replace(view, router=SlowRouter())
+    service = _bare_service(_slow_route)
 
     async def scenario():
         await service.cache.backend.set(cache_key("v1", "Who won?", 1, ""), b"[]", 60)
@@ -316,21 +330,10 @@ def test_routing_runs_off_the_event_loop():
 
 def test_a_stuck_answer_is_a_503_after_answer_timeout_s():
     import asyncio
-    import time
-    from dataclasses import replace
 
     from shardqa.errors import ServiceUnavailable
-    from shardqa.types import RouteResult
 
-    class StuckRouter:
-        encoder = None
-
-        def route(self, question, k):
-            time.sleep(0.5)
-            return RouteResult(question, [])
-
-    service, view = _bare_service(answer_timeout_s=0.1)
-    service.view = replace(view, router=StuckRouter())
+    service = _bare_service(_slow_route, answer_timeout_s=0.1)
 
     async def scenario():
         try:
@@ -345,16 +348,11 @@ def test_a_stuck_answer_is_a_503_after_answer_timeout_s():
 
 def test_a_timeout_inside_the_answer_is_not_reported_as_the_answer_deadline():
     import asyncio
-    from dataclasses import replace
 
-    class BrokenRouter:
-        encoder = None
+    def broken(question):
+        raise TimeoutError("a bug's own timeout")
 
-        def route(self, question, k):
-            raise TimeoutError("a bug's own timeout")
-
-    service, view = _bare_service(answer_timeout_s=30)
-    service.view = replace(view, router=BrokenRouter())
+    service = _bare_service(broken, answer_timeout_s=30)
 
     async def scenario():
         try:
