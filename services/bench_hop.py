@@ -47,6 +47,7 @@ async def _measure(settings, app_name: str, shard: int, calls: int, warmup: int)
     from shardqa.preprocessing.store import open_store
     from shardqa.services.app import shard_deployment_name
     from shardqa.services.reader import Reader
+    from shardqa.services.shard_client import transport_options
     from shardqa.services.shard_worker import ShardQuery, ShardWorker
 
     handle = serve.get_deployment_handle(shard_deployment_name(shard), app_name=app_name)
@@ -82,13 +83,19 @@ async def _measure(settings, app_name: str, shard: int, calls: int, warmup: int)
 
     probe = serve.run(EchoDeployment.bind(), name=PROBE_APP, route_prefix=None)
     try:
-        rows.append({"call": "Serve handle call to a deployment that does nothing",
-                     **_stats(await _timed(lambda i: probe.echo.remote(i), calls, warmup))})
+        for transport in ("actor", "grpc"):
+            via_transport = transport_options(probe, transport)
+            rows.append({"call": f"Serve handle call to a deployment that does nothing ({transport} transport)",
+                         **_stats(await _timed(lambda i: via_transport.echo.remote(i), calls, warmup))})
     finally:
         serve.delete(PROBE_APP)
 
+    # The shard rows call as the ingress does.
+    transport = settings.shard_transport
+    handle = transport_options(handle, transport)
+
     empty = ShardQuery(version, question, (), 1)
-    rows.append({"call": f"Serve handle call to shard {shard}, no passage to read",
+    rows.append({"call": f"Serve handle call to shard {shard}, no passage to read ({transport} transport)",
                  **_stats(await _timed(lambda i: handle.answer.remote(empty), calls, warmup))})
 
     # The same passages, alternately through the handle and in this process,
@@ -105,9 +112,9 @@ async def _measure(settings, app_name: str, shard: int, calls: int, warmup: int)
             via.append(t1 - t0)
             here.append(t2 - t1)
             differ += [a.text for a in remote] != [a.text for a in local]
-    rows.append({"call": f"Serve handle call to shard {shard}, one passage read", **_stats(via)})
+    rows.append({"call": f"Serve handle call to shard {shard}, one passage read ({transport} transport)", **_stats(via)})
     rows.append({"call": "the same read in this process (`ShardWorker.answer_batch`)", **_stats(here)})
-    return {"rows": rows, "shard": shard, "index_version": version, "backend": reader.backend.name,
+    return {"rows": rows, "shard": shard, "index_version": version, "backend": reader.backend.name, "transport": transport,
             "passages_cycled": min(len(pids), warmup + calls), "answers_differing": differ}
 
 

@@ -83,7 +83,8 @@ def hop_section(hop: dict[str, Any] | None) -> list[str]:
 
     return [
         f"One call to a shard, {hop['calls']} timed calls per row after the HTTP levels, with the service otherwise idle "
-        f"(`services/bench_hop.py`). The ingress makes at least one such call per uncached question; the difference "
+        f"(`services/bench_hop.py`). The ingress makes at least one such call per uncached question, over Serve's "
+        f"{hop.get('transport', 'actor')} transport (`shard_transport`); the difference "
         f"between the last two rows is what the call adds to a read ({hop['backend']}, the passages of shard "
         f"{hop['shard']} in turn; the answers of the two differed for {hop['answers_differing']} of them).",
         "",

@@ -106,7 +106,7 @@ class IngressDeployment:
         self.config = config
         # The API's lifespan starts the service (index watcher) on the
         # replica's serving loop.
-        self.service = QAService.create(config.settings, ServeShards(shard_handles))
+        self.service = QAService.create(config.settings, ServeShards(shard_handles, transport=config.settings.shard_transport))
 
     def __serve_build_asgi_app__(self):
         from shardqa.services.api import create_api

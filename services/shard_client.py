@@ -55,6 +55,18 @@ class LocalShards:
         return self.workers[shard].status()
 
 
+def transport_options(handle, transport: str):
+    """The handle calling over `transport` (the `shard_transport` setting).
+
+    A replica that dies during a gRPC call surfaces as ActorUnavailableError,
+    like one lost during an actor call, so the retries below cover both."""
+    if transport == "grpc":
+        return handle.options(_by_reference=False)
+    if transport == "actor":
+        return handle.options(_by_reference=True)
+    raise ValueError(f"unknown shard transport {transport!r}; expected grpc or actor")
+
+
 class ServeShards:
     """Deployment handles, one per shard, with retries on lost replicas.
 
@@ -63,10 +75,10 @@ class ServeShards:
     again reaches a live replica of the shard (or waits for a replacement).
     """
 
-    def __init__(self, handles: Sequence, retry_deadline_s: float = 10.0):
+    def __init__(self, handles: Sequence, retry_deadline_s: float = 10.0, transport: str = "grpc"):
         import ray.exceptions as rex
 
-        self.handles = list(handles)
+        self.handles = [transport_options(h, transport) for h in handles]
         self.num_shards = len(self.handles)
         self.retry_deadline_s = retry_deadline_s
         # Exceptions that mean "the replica went away", worth sending again.

