@@ -18,13 +18,27 @@ from shardqa.errors import ShardQAError
 SAMPLES_PER_ARTICLE = 1
 
 
-def sample_questions(corpus: Path) -> list[str]:
+def sample_questions(corpus: Path) -> list[tuple[str, tuple[str, ...]]]:
+    """(question, its SQuAD gold answers) for the first questions of each article."""
     data = json.loads(corpus.read_text(encoding="utf-8"))
     out = []
     for article in data["data"]:
-        qas = [qa["question"] for p in article["paragraphs"] for qa in p["qas"]]
+        qas = [(qa["question"], tuple(a["text"] for a in qa.get("answers", ()))) for p in article["paragraphs"] for qa in p["qas"]]
         out.extend(qas[:SAMPLES_PER_ARTICLE])
     return out
+
+
+def judge(answer: str, gold: tuple[str, ...]) -> str:
+    """How the answer compares with SQuAD's gold answers, by the official
+    normalisation: shown so that a miss reads as a miss."""
+    from shardqa.training.squad import best_over_gold, exact_match_score, f1_score
+
+    if not gold:
+        return ""
+    if best_over_gold(exact_match_score, answer, gold):
+        return "matches the gold answer"
+    f1 = best_over_gold(f1_score, answer, gold)
+    return f"gold answer {gold[0]!r}" + (f" (F1 {f1:.2f})" if f1 else ", missed")
 
 
 def demo_settings(base, store_dir: Path, host: str, port: int):
@@ -127,13 +141,14 @@ def run_demo(
         echo(f"  shardqa query \"Who gave their name to Normandy?\" --url {url}")
         echo("")
         with httpx.Client() as client:
-            for q in sample_questions(corpus):
+            for q, gold in sample_questions(corpus):
                 t = time.perf_counter()
                 body = ask(url, q, client=client)
                 ms = 1000 * (time.perf_counter() - t)
                 best = body["answers"][0] if body["answers"] else None
                 answer = f"{best['text']!r} (score {best['score']:.2f}, {best['doc_id']}, shard {best['shard']})" if best else "no answer"
-                echo(f"  Q: {q}\n  A: {answer}  [{ms:.0f} ms]")
+                verdict = judge(best["text"] if best else "", gold)
+                echo(f"  Q: {q}\n  A: {answer}  [{ms:.0f} ms]" + (f"\n     {verdict}" if verdict else ""))
         if serve_forever:
             echo("")
             echo("serving; Ctrl-C stops.")

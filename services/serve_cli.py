@@ -138,7 +138,7 @@ def register(app: typer.Typer) -> None:
         if not (timeout > 0 and math.isfinite(timeout)):
             from shardqa.cli import fail
 
-            raise fail(f"--timeout must be a positive number of seconds, not {timeout}")
+            raise fail(f"--timeout must be a positive number of seconds, not {timeout:g}")
 
         if url is None:
             from shardqa.config import get_settings

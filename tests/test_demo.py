@@ -194,6 +194,19 @@ def test_query_without_a_service_fails_in_one_line():
     assert_one_line_error(proc, "cannot reach")
 
 
+def test_the_demo_judges_its_sample_answers_against_the_gold_ones():
+    from shardqa.config import DEFAULT_SAMPLE_CORPUS
+    from shardqa.services.demo import judge, sample_questions
+
+    samples = sample_questions(DEFAULT_SAMPLE_CORPUS)
+    assert len(samples) == 4 and all(q.endswith("?") and gold for q, gold in samples)
+    assert judge("the France", ("France",)) == "matches the gold answer"
+    assert judge("northern France", ("France", "France.")) == "gold answer 'France' (F1 0.67)"
+    assert judge("Rollo", ("France",)) == "gold answer 'France', missed"
+    assert judge("", ("France",)) == "gold answer 'France', missed"
+    assert judge("anything", ()) == ""
+
+
 def test_demo_index_is_built_once_and_rebuilt_when_inputs_change(tmp_path):
     from shardqa.config import DEFAULT_SAMPLE_CORPUS
     from shardqa.services.demo import demo_index
@@ -256,6 +269,8 @@ def test_demo_serves_answers_and_stops_on_ctrl_c(tmp_path):
         out = "".join(lines)
         assert "ready in" in out and f"http://127.0.0.1:{port}/v1/answer" in out and "curl -s" in out
         assert out.count("  Q: ") == 4 and out.count("  A: ") == 4  # one sample question per article
+        # Each is judged against its SQuAD gold answer.
+        assert out.count("matches the gold answer") + out.count("gold answer '") == 4
 
         q = shardqa("query", "Who gave their name to Normandy?", "--url", f"http://127.0.0.1:{port}", "--json", "--top-k", "2")
         assert q.returncode == 0, q.stderr
