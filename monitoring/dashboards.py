@@ -21,6 +21,8 @@ DASHBOARD_DIR = Path(__file__).resolve().parent / "dashboards"
 CHART_DASHBOARD_DIR = Path(__file__).resolve().parent.parent / "deploy" / "helm" / "shardqa" / "files" / "dashboards"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 RATE_WINDOW = "$__rate_interval"
+#: The single-question endpoint, which the latency targets are about.
+ANSWER_ENDPOINT = "/v1/answer"
 
 Panel = dict[str, Any]
 
@@ -77,7 +79,9 @@ def _stat(title: str, expr: str, unit: str, thresholds: list[dict], description:
             "defaults": {"unit": unit, "thresholds": {"mode": "absolute", "steps": thresholds}},
             "overrides": [],
         },
-        "options": {"reduceOptions": {"calcs": ["lastNotNull"]}, "colorMode": "background", "textMode": "auto"},
+        # With a legend the series name is the point (the index version);
+        # Grafana's "auto" shows only the value of a single series.
+        "options": {"reduceOptions": {"calcs": ["lastNotNull"]}, "colorMode": "background", "textMode": "name" if legend else "auto"},
     }
 
 
@@ -86,7 +90,8 @@ def _row(title: str) -> Panel:
 
 
 def _latency_panel(title: str, cached: str, quantiles: tuple[float, ...], target_quantiles: tuple[str, ...]) -> Panel:
-    selector = f'{{cached="{cached}"}}'
+    # One question per request: batch calls and probes would skew the quantiles.
+    selector = f'{{endpoint="{ANSWER_ENDPOINT}",cached="{cached}"}}'
     targets = [
         _target(_quantile(q, "shardqa_request_duration_seconds", "", selector), f"p{round(q * 100)}", chr(65 + i))
         for i, q in enumerate(quantiles)
@@ -103,7 +108,7 @@ def _latency_panel(title: str, cached: str, quantiles: tuple[float, ...], target
         title,
         targets,
         "s",
-        "End-to-end latency measured in the ingress, over all ingress replicas; dashed: the target.",
+        f"End-to-end latency of {ANSWER_ENDPOINT} measured in the ingress, over all ingress replicas; dashed: the target.",
         [_target_line_override()],
     )
 
@@ -183,7 +188,7 @@ def overview() -> dict[str, Any]:
         ),
         _timeseries(
             "Questions per second per shard",
-            [_target(f"sum by (shard) (rate(shardqa_shard_batch_size_sum[{RATE_WINDOW}]))", "shard {{shard}}", "A")],
+            [_target(f"sum by (shard) (rate(shardqa_shard_questions_total[{RATE_WINDOW}]))", "shard {{shard}}", "A")],
             "reqps",
         ),
         _timeseries(
@@ -200,7 +205,7 @@ def overview() -> dict[str, Any]:
             "Batch size per shard (mean and p95)",
             [
                 _target(
-                    f"sum by (shard) (rate(shardqa_shard_batch_size_sum[{RATE_WINDOW}])) "
+                    f"sum by (shard) (rate(shardqa_shard_questions_total[{RATE_WINDOW}])) "
                     f"/ sum by (shard) (rate(shardqa_shard_batch_size_count[{RATE_WINDOW}]))",
                     "mean shard {{shard}}",
                     "A",
@@ -213,7 +218,7 @@ def overview() -> dict[str, Any]:
             "Shards touched per request",
             [
                 _target(
-                    f"sum(rate(shardqa_shards_touched_sum[{RATE_WINDOW}])) / sum(rate(shardqa_shards_touched_count[{RATE_WINDOW}]))",
+                    f"sum(rate(shardqa_shard_calls_total[{RATE_WINDOW}])) / sum(rate(shardqa_shards_touched_count[{RATE_WINDOW}]))",
                     "mean",
                     "A",
                 ),
@@ -228,7 +233,9 @@ def overview() -> dict[str, Any]:
                 _target(_quantile(0.05, "shardqa_route_score", ""), "p5", "B"),
             ],
             "short",
-            "A falling score means questions match the corpus worse (drift, or a wrong index).",
+            "Each routing signal is normalised to the question's best passage, so the winner scores at most the sum of "
+            "the router's weights (3.65 by default) when all signals agree on it. A falling p5 means more questions "
+            "on which the signals disagree: vaguer questions, or questions the corpus does not cover.",
         ),
         _timeseries(
             "Questions routed with the dense encoder",
@@ -260,7 +267,7 @@ def overview() -> dict[str, Any]:
             "Healthy Serve replicas per deployment",
             [_target("sum by (application, deployment) (ray_serve_deployment_replica_healthy)", "{{deployment}}", "A")],
             "short",
-            "From the Ray Serve controller; a shard deployment at zero fires ShardQAShardWithoutReadyReplicas.",
+            "From the Ray Serve controller; a shard or ingress deployment at zero fires ShardQADeploymentWithoutHealthyReplicas.",
         ),
     ]
     _layout(panels)

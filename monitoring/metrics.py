@@ -49,20 +49,24 @@ from prometheus_client import (
 STAGES = frozenset({"validate", "cache", "tokenize", "route", "shard_inference", "merge"})
 CACHE_RESULTS = frozenset({"hit", "miss", "error"})
 
-#: Latency buckets in seconds, 0.5 ms .. 1 s. The targets (3 ms cached p50,
+#: Latency buckets in seconds, 0.5 ms .. 30 s. The targets (3 ms cached p50,
 #: 20 ms p50, 50 ms p99) are exact boundaries so SLO ratios need no
 #: interpolation, and the spacing around them is fine enough for
 #: histogram_quantile to land within a few milliseconds of the true value.
+#: The top reaches answer_timeout_s (30 s), so an overload shows its real
+#: p99 instead of flat-lining at the last bucket.
 LATENCY_BUCKETS: tuple[float, ...] = (
     0.0005, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075,
     0.01, 0.0125, 0.015, 0.0175, 0.02, 0.025, 0.03, 0.035, 0.04, 0.045, 0.05,
-    0.06, 0.075, 0.1, 0.125, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
+    0.06, 0.075, 0.1, 0.125, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
 BATCH_SIZE_BUCKETS: tuple[float, ...] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
 SHARDS_TOUCHED_BUCKETS: tuple[float, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32)
-#: BM25-style scores are unbounded positives; the buckets span weak to
-#: strong matches so a drop in routing quality shows as a shifted histogram.
-ROUTE_SCORE_BUCKETS: tuple[float, ...] = (0.5, 1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50, 75, 100)
+#: The router's score is a weighted sum of components each normalised to
+#: the question's best passage, so the winner's score is at most the sum of
+#: the weights (3.65 with the defaults), reached when every signal agrees on
+#: it. Fine steps up to there; a few wider ones for custom weights.
+ROUTE_SCORE_BUCKETS: tuple[float, ...] = tuple(i / 4 for i in range(1, 17)) + (5.0, 6.0, 8.0)
 
 #: Caps on free-form label values per process; extra values collapse to "other".
 MAX_ENDPOINTS = 32
@@ -104,6 +108,15 @@ SHARD_BATCH_SIZE = MetricSpec(
 CACHE_REQUESTS = MetricSpec(
     "shardqa_cache_requests_total", "counter", "Answer-cache lookups by result (hit, miss, error)", ("result",)
 )  # fmt: skip
+# Under Ray a histogram's _sum is rebuilt from bucket midpoints by the
+# metrics agent, so means (questions per shard, shards per request) come from
+# these exact counters divided by the histograms' _count.
+SHARD_QUESTIONS = MetricSpec(
+    "shardqa_shard_questions_total", "counter", "Questions read by one shard (the sum of its batch sizes)", ("shard",)
+)  # fmt: skip
+SHARD_CALLS = MetricSpec(
+    "shardqa_shard_calls_total", "counter", "Shard calls made by the ingress (the sum of shards touched per request)"
+)  # fmt: skip
 SHARDS_TOUCHED = MetricSpec(
     "shardqa_shards_touched", "histogram", "Shards a request was routed to", (), SHARDS_TOUCHED_BUCKETS
 )  # fmt: skip
@@ -130,8 +143,8 @@ INDEX_INFO = MetricSpec(
 )  # fmt: skip
 
 SPECS: tuple[MetricSpec, ...] = (
-    REQUESTS, REQUEST_DURATION, STAGE_DURATION, SHARD_INFERENCE_DURATION, SHARD_BATCH_SIZE,
-    CACHE_REQUESTS, SHARDS_TOUCHED, SHARD_INFLIGHT, ERRORS, ROUTE_SCORE, ROUTES, READ_ROUNDS, INDEX_INFO,
+    REQUESTS, REQUEST_DURATION, STAGE_DURATION, SHARD_INFERENCE_DURATION, SHARD_BATCH_SIZE, SHARD_QUESTIONS,
+    CACHE_REQUESTS, SHARDS_TOUCHED, SHARD_CALLS, SHARD_INFLIGHT, ERRORS, ROUTE_SCORE, ROUTES, READ_ROUNDS, INDEX_INFO,
 )  # fmt: skip
 
 
@@ -343,6 +356,7 @@ def record_shard_inference(shard: int, seconds: float, batch_size: int) -> None:
     label = _shard_label(shard)
     _record(SHARD_INFERENCE_DURATION, _seconds(seconds), shard=label)
     _record(SHARD_BATCH_SIZE, batch_size, shard=label)
+    _record(SHARD_QUESTIONS, batch_size, shard=label)
 
 
 def record_cache(result: str) -> None:
@@ -355,6 +369,7 @@ def record_shards_touched(n: int) -> None:
     if n < 0:
         raise ValueError(f"shards touched must be >= 0, got {n!r}")
     _record(SHARDS_TOUCHED, n)
+    _record(SHARD_CALLS, n)
 
 
 @contextmanager

@@ -203,6 +203,10 @@ class CacheResult:
     #: True when this request did not run inference for the value: a cache
     #: hit, or a wait on another request's identical computation.
     shared: bool
+    #: True only for a cache hit: the value was there when the request came.
+    #: A wait on another computation is shared but not a hit; it takes as
+    #: long as the computation, which would skew cached-latency figures.
+    hit: bool = False
 
 
 class AnswerCache:
@@ -265,7 +269,7 @@ class AnswerCache:
         value = await self.lookup(key)
         metrics.record_stage("cache", time.perf_counter() - t0)
         if value is not None:
-            return CacheResult(value, shared=True)
+            return CacheResult(value, shared=True, hit=True)
         return await self.compute_once(key, compute)
 
     async def compute_once(self, key: str, compute: Callable[[], Awaitable[bytes]]) -> CacheResult:

@@ -222,7 +222,9 @@ def create_api(service: QAService, settings: Settings) -> FastAPI:
     @app.post("/v1/answer", response_model=AnswerResponse, responses=ERRORS, summary="Answer one question")
     async def answer(body: AnswerRequest, request: Request):
         outcome = await service.answer(body.question, body.top_k)
-        request.state.cached = outcome.cached
+        # The metrics' `cached` label: only real hits, so a request that
+        # waited on an identical computation does not count as a fast one.
+        request.state.cached = outcome.hit
         return Response(outcome.body(), media_type=JSON)
 
     @app.post("/v1/answer:batch", response_model=BatchAnswerResponse, responses=ERRORS, summary="Answer many questions")

@@ -57,8 +57,9 @@ class IndexView:
 @dataclass(frozen=True)
 class Outcome:
     answers_json: bytes  # a JSON array of answer objects, as cached
-    cached: bool
+    cached: bool  # the response's flag: no inference ran for this request
     index_version: str
+    hit: bool = False  # answered by a cache hit (the metrics' `cached` label)
 
     def body(self) -> bytes:
         return b'{"answers":%s,"cached":%s,"index_version":%s}' % (
@@ -274,7 +275,7 @@ class QAService:
             if position is None:
                 raise
             raise _at_position(exc, position) from None
-        return Outcome(result.value, result.shared, view.version)
+        return Outcome(result.value, result.shared, view.version, result.hit)
 
     async def _infer_in_time(self, view: IndexView, question: str, top_k: int) -> bytes:
         limit = self.settings.answer_timeout_s

@@ -67,7 +67,8 @@ def test_every_required_alert_exists_and_is_unit_tested():
     assert {
         "ShardQALatencyP99AboveTarget",
         "ShardQAErrorRatioHigh",
-        "ShardQAShardWithoutReadyReplicas",
+        "ShardQADeploymentWithoutHealthyReplicas",
+        "ShardQANotServing",
         "ShardQACacheUnavailable",
     } <= alerts
     tested = {

@@ -164,6 +164,10 @@ def test_all_replicas_reach_prometheus_under_shardqa_names(serve_app, tmp_path):
                 assert spec.name + suffix in names, f"{spec.name + suffix} missing; scraped: {names}"
         assert prom.scalar("sum(shardqa_shard_batch_size_count)") == sent
         assert prom.scalar("sum(shardqa_shard_inference_duration_seconds_count)") == sent
+        # Means come from exact counters: Ray rebuilds a histogram's _sum from
+        # bucket midpoints (2 questions per batch, 2 shards per request here).
+        assert prom.scalar("sum(shardqa_shard_questions_total)") == 2 * sent
+        assert prom.scalar("sum(shardqa_shard_calls_total)") == 2 * sent
         # Per-replica gauges stay apart; after the traffic nothing is in flight.
         assert prom.scalar("sum(shardqa_shard_inflight_requests)") == 0
         info = prom.query("shardqa_index_info == 1")
