@@ -195,15 +195,23 @@ def read_squad_questions(path: str | Path) -> list[SquadQuestion]:
         raise CorpusError(f"{path}: not a SQuAD file (no top-level 'data' list)")
     out: list[SquadQuestion] = []
     for ai, article in enumerate(data["data"]):
-        title = str(article.get("title") or f"article-{ai}")
-        for pi, para in enumerate(article.get("paragraphs") or []):
-            doc_id = squad_doc_id(title, pi)
-            for qa in para.get("qas") or []:
-                spans = tuple(
-                    (int(a["answer_start"]), int(a["answer_start"]) + len(a["text"])) for a in qa.get("answers") or []
-                )
-                if spans and str(qa.get("question", "")).strip():
-                    out.append(SquadQuestion(str(qa.get("id", "")), doc_id, qa["question"], spans))
+        where = f"{path}: data[{ai}]"
+        try:
+            title = str(article.get("title") or f"article-{ai}")
+            for pi, para in enumerate(article.get("paragraphs") or []):
+                where = f"{path}: data[{ai}].paragraphs[{pi}]"
+                doc_id = squad_doc_id(title, pi)
+                for qa in para.get("qas") or []:
+                    spans = tuple(
+                        (int(a["answer_start"]), int(a["answer_start"]) + len(a["text"])) for a in qa.get("answers") or []
+                    )
+                    if not isinstance(qa.get("question", ""), str):
+                        raise TypeError("a question must be a string")
+                    if spans and qa.get("question", "").strip():
+                        out.append(SquadQuestion(str(qa.get("id", "")), doc_id, qa["question"], spans))
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            detail = f"missing {exc}" if isinstance(exc, KeyError) else str(exc).splitlines()[0]
+            raise CorpusError(f"{where}: not in SQuAD v1.1 shape ({detail})") from None
     if not out:
         raise CorpusError(f"{path}: no answerable questions")
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import sys
 import time
@@ -23,8 +24,8 @@ def _floats(text: str, what: str) -> tuple[float, ...]:
         vals = tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError:
         raise BenchError(f"{what}: expected comma-separated numbers, got {text!r}") from None
-    if any(v <= 0 for v in vals):
-        raise BenchError(f"{what}: values must be positive, got {text!r}")
+    if not all(0 < v < math.inf for v in vals):  # also NaN
+        raise BenchError(f"{what}: values must be positive and finite, got {text!r}")
     return vals
 
 
@@ -389,16 +390,23 @@ def register(app: typer.Typer) -> None:
         gold_backend = backend or st.backend
         if gold_backend not in R.BACKENDS:
             raise B.BenchError(f"--backend: unknown {gold_backend}; choose from {', '.join(R.BACKENDS)}")
+        # Every argument is checked before anything runs or is deleted.
+        levels, load_rates, lengths = _ints(concurrency, "--concurrency"), _floats(rates, "--rates"), _ints(reader_lengths, "--reader-lengths")
+        if profile_pid is not None and profile_pid <= 0:
+            raise B.BenchError(f"--profile-pid: expected a process id, got {profile_pid}")
         qfile = questions or default_questions_file()
         run_info: dict[str, Any] = {"commands": [*(setup_command or []), command_line()]}
-        for stale in ("profile.json", "route.json", "hop.json"):  # never report a figure this run did not produce
-            (out / stale).unlink(missing_ok=True)
 
         # 1. End to end over HTTP, with the naive baseline.
         result, cold_questions, asked = run_bench(
-            url, qfile, limit=limit, concurrency=_ints(concurrency, "--concurrency"), rates=_floats(rates, "--rates"),
+            url, qfile, limit=limit, concurrency=levels, rates=load_rates,
             seed=seed, baseline_limit=baseline_limit, model=model, ready_timeout_s=ready_timeout, service_pid=profile_pid)
         model_dir = resolve_baseline_model(model, (result.get("service") or {}).get("index"))
+        # Only now that this run has figures of its own: never report a
+        # figure this run did not produce, and never lose the last run's to a
+        # run that failed to start.
+        for stale in ("profile.json", "route.json", "hop.json"):
+            (out / stale).unlink(missing_ok=True)
 
         # 1b. The reference level's questions in one process: the model's share.
         result["one_process"] = run_one_process(result, cold_questions, limit, store or st.store, model_dir, gold_backend)
@@ -406,7 +414,7 @@ def register(app: typer.Typer) -> None:
         # 2. Reader only, per backend; gold-paragraph F1 on the same uncached questions.
         examples = load_squad(qfile)
         reader = R.run_reader_bench(model_dir, names if gold_backend in names else (*names, gold_backend),
-                                    _ints(reader_lengths, "--reader-lengths"), reader_runs, examples,
+                                    lengths, reader_runs, examples,
                                     f1_examples=cold_questions, log=B._log)
         reader["command"] = command_line()
         reader["started_at"] = result["meta"]["started_at"]
@@ -484,4 +492,15 @@ def register(app: typer.Typer) -> None:
         out = out or REPO_ROOT / "benchmarks" / "results"
         if not (out / "bench.json").exists() and not (out / "reader.json").exists():
             raise BenchError(f"no results in {out}: run `shardqa bench-all` first")
+        # Read every results file before the report is overwritten: a broken
+        # or empty one must not replace the last good report.
+        for name in ("bench.json", "reader.json", "route.json", "hop.json", "profile.json", "run.json"):
+            if (out / name).exists():
+                try:
+                    json.loads((out / name).read_text(encoding="utf-8"))
+                except (UnicodeDecodeError, ValueError) as exc:
+                    raise BenchError(f"{out / name}: not a results file ({str(exc).splitlines()[0]})") from None
+        bench = json.loads((out / "bench.json").read_text(encoding="utf-8")) if (out / "bench.json").exists() else {}
+        if not (isinstance(bench, dict) and bench.get("levels")):
+            raise BenchError(f"{out / 'bench.json'}: holds no load levels; run `shardqa bench-all` first")
         typer.echo(f"wrote {write_benchmarks_md(out, markdown or REPO_ROOT / 'BENCHMARKS.md')}")

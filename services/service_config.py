@@ -10,6 +10,7 @@ being re-read from the environment inside each replica.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -22,6 +23,8 @@ from shardqa.errors import ShardQAError
 #: Logical CPUs the ingress replica reserves. It tokenises questions, routes
 #: and merges, all light work next to a model forward pass.
 INGRESS_NUM_CPUS = 0.5
+#: Replicas per shard deployment: a typo such as 1e9 fails here, not in Ray.
+MAX_REPLICAS = 1000
 
 
 class ServiceConfigError(ShardQAError):
@@ -135,16 +138,19 @@ def _resources(entry: Mapping[str, Any], fallback: ShardResources, where: str) -
     unknown = _unknown_keys(entry, ("replicas", "num_cpus", "num_gpus"))
     if unknown:
         raise ServiceConfigError(f"{where}: unknown key(s) {unknown}; expected replicas, num_cpus, num_gpus")
+    replicas = entry.get("replicas", fallback.replicas)
+    if isinstance(replicas, bool) or not (isinstance(replicas, int) or (isinstance(replicas, float) and replicas.is_integer())):
+        raise ServiceConfigError(f"{where}: replicas must be a whole number, got {replicas!r}")
     try:
         res = ShardResources(
-            replicas=int(entry.get("replicas", fallback.replicas)),
+            replicas=int(replicas),
             num_cpus=float(entry.get("num_cpus", fallback.num_cpus)),
             num_gpus=float(entry.get("num_gpus", fallback.num_gpus)),
         )
     except (TypeError, ValueError):
         raise ServiceConfigError(f"{where}: replicas, num_cpus and num_gpus must be numbers") from None
-    if res.replicas < 1 or res.num_cpus < 0 or res.num_gpus < 0:
-        raise ServiceConfigError(f"{where}: needs replicas >= 1 and non-negative num_cpus/num_gpus")
+    if not (1 <= res.replicas <= MAX_REPLICAS and 0 <= res.num_cpus < math.inf and 0 <= res.num_gpus < math.inf):
+        raise ServiceConfigError(f"{where}: needs 1 <= replicas <= {MAX_REPLICAS} and finite, non-negative num_cpus/num_gpus")
     return res
 
 

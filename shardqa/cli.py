@@ -3,6 +3,7 @@ imports happen inside the commands so `shardqa --help` stays instant."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -65,19 +66,29 @@ def config(as_json: bool = typer.Option(False, "--json", help="print one JSON ob
 
 
 def main() -> None:
+    try:  # the click typer runs on: recent typer vendors its own copy
+        from typer._click import exceptions as click
+    except ImportError:
+        from click import exceptions as click
     from pydantic import ValidationError
     from pydantic_settings import SettingsError
 
     from shardqa.config import settings_error_line
 
     try:
-        app()
+        # Not standalone: click would print usage errors as a boxed block and
+        # swallow Ctrl-C; here every failure becomes one line.
+        code = app(standalone_mode=False)
     except ShardQAError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
+    except click.UsageError as exc:  # also NoArgsIsHelpError: `shardqa` alone
+        where = exc.ctx.command_path if exc.ctx is not None else "shardqa"
+        typer.echo(f"error: {_one_line(exc.format_message())} (see `{where} --help`)", err=True)
+        sys.exit(2)
     except ValidationError as exc:
         if exc.title != "Settings":
-            raise
+            _unexpected(exc)
         typer.echo(f"error: {settings_error_line(exc, env=True)}", err=True)
         sys.exit(2)
     except SettingsError as exc:
@@ -86,9 +97,26 @@ def main() -> None:
         cause = f" ({str(exc.__cause__).splitlines()[0]})" if exc.__cause__ else ""
         typer.echo(f"error: invalid setting: {str(exc).splitlines()[0]}{cause}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    except Exception as exc:
+        _unexpected(exc)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _unexpected(exc: BaseException) -> None:
+    """A failure no check named: still one line (its type and message), with
+    the traceback one variable away, so a user can report it."""
+    if os.environ.get("SHARDQA_DEBUG"):
+        raise exc
+    message = _one_line(str(exc))[:300]
+    typer.echo(f"error: {type(exc).__name__}{': ' + message if message else ''} (unexpected; SHARDQA_DEBUG=1 shows the traceback)", err=True)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     )
 
     # --- index and routing --------------------------------------------------------
-    store: str = Field("./shardqa-index", description="index store: a directory, redis://, rediss:// or redis+cluster:// URL")
+    store: str = Field("./shardqa-index", min_length=1, description="index store: a directory, redis://, rediss:// or redis+cluster:// URL")
     shards: int = Field(4, ge=1, description="shards to build when indexing")
     passage_sentences: int = Field(3, ge=1, description="sentences per passage window")
     passage_max_tokens: int = Field(128, ge=16, description="cap on tokens per passage")
@@ -119,8 +119,8 @@ class Settings(BaseSettings):
         "grpc",
         description="how the ingress calls shard replicas: Serve's gRPC transport, or Ray actor calls",
     )
-    num_cpus_per_replica: float = Field(1.0, ge=0)
-    num_gpus_per_replica: float = Field(0.0, ge=0)
+    num_cpus_per_replica: float = Field(1.0, ge=0, allow_inf_nan=False)
+    num_gpus_per_replica: float = Field(0.0, ge=0, allow_inf_nan=False)
     max_batch_size: int = Field(16, ge=1, description="@serve.batch max batch size in shard replicas")
     # 0: a lone request runs at once; requests that arrive during a forward
     # pass still form the next batch (measured: 2-3 ms off p50 at concurrency 1).

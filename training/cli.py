@@ -144,8 +144,14 @@ def register(app: typer.Typer) -> None:
             from shardqa.cli import fail
 
             raise fail(f"{run_dir} has no final/ model; has training finished?")
-        meta = export_weights(src, dest, model_id=dest.name)
+        # Read before writing anything: a bad --eval must not leave `dest`
+        # half new (new weights beside the old card and figures).
         examples = load_squad(squad_json)[: limit or None]
+        if dest.exists() and not dest.is_dir():
+            from shardqa.cli import fail
+
+            raise fail(f"{dest} exists and is not a folder")
+        meta = export_weights(src, dest, model_id=dest.name)
         scores = {}
         for b in BACKENDS:
             scores[b] = evaluate_reader(Reader.load(dest, b), examples)

@@ -83,19 +83,32 @@ def load_squad(path: str | Path) -> list[SquadExample]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SquadError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise SquadError(f"{path}: is a folder, not a SQuAD JSON file") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SquadError(f"{path}: not a valid SQuAD JSON file ({exc})") from None
     if not isinstance(data, dict) or not isinstance(data.get("data"), list):
         raise SquadError(f"{path}: not a SQuAD file (no top-level 'data' list)")
     out: list[SquadExample] = []
-    for article in data["data"]:
-        title = article.get("title", "")
-        for para in article.get("paragraphs", []):
-            context = para["context"]
-            for qa in para.get("qas", []):
-                answers = tuple(a["text"] for a in qa.get("answers", []))
-                starts = tuple(int(a["answer_start"]) for a in qa.get("answers", []))
-                out.append(SquadExample(qa["id"], title, qa["question"], context, answers, starts))
+    for i, article in enumerate(data["data"]):
+        where = f"{path}: data[{i}]"
+        try:
+            title = article.get("title", "")
+            for j, para in enumerate(article.get("paragraphs", [])):
+                where = f"{path}: data[{i}].paragraphs[{j}]"
+                context = para["context"]
+                for qa in para.get("qas", []):
+                    where = f"{path}: question {qa.get('id', '?')!r}" if isinstance(qa, dict) else where
+                    answers = tuple(a["text"] for a in qa.get("answers", []))
+                    starts = tuple(int(a["answer_start"]) for a in qa.get("answers", []))
+                    example = SquadExample(qa["id"], title, qa["question"], context, answers, starts)
+                    if not all(isinstance(t, str) for t in (example.id, example.question, example.context, *answers)):
+                        raise TypeError("id, question, context and answer texts must be strings")
+                    out.append(example)
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            # One line naming the place, not a traceback from deep inside.
+            detail = f"missing {exc}" if isinstance(exc, KeyError) else str(exc).splitlines()[0]
+            raise SquadError(f"{where}: not in SQuAD v1.1 shape ({detail})") from None
     return out
 
 

@@ -1,0 +1,136 @@
+"""Bad input to any `shardqa` command is one line and a non-zero exit: usage
+mistakes, malformed files, and (a safety net) failures no check names."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def shardqa(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run([sys.executable, "-m", "shardqa.cli", *args], capture_output=True, text=True, timeout=120,
+                          cwd=cwd, env={**os.environ, **(env or {})})
+
+
+def one_line(proc: subprocess.CompletedProcess, code: int = 2) -> str:
+    assert proc.returncode == code, (proc.stdout, proc.stderr)
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (("route", "x", "-k", "0"), "Invalid value for '--k' / '-k'"),
+        (("route",), "Missing argument 'question'"),
+        (("nosuch",), "No such command 'nosuch'"),
+        (("route", "x", "--nope"), "No such option: --nope"),
+    ],
+)
+def test_usage_mistakes_are_one_line_naming_the_help(args, expected):
+    line = one_line(shardqa(*args))
+    assert expected in line and "--help`)" in line
+
+
+def test_an_unexpected_failure_is_still_one_line_and_debug_shows_the_traceback(tmp_path):
+    # A malformed IPv6 URL fails inside httpx, which no check of ours names.
+    proc = shardqa("query", "Who?", "--url", "http://[::1")
+    line = one_line(proc, code=1)
+    assert "(unexpected; SHARDQA_DEBUG=1 shows the traceback)" in line
+    debug = shardqa("query", "Who?", "--url", "http://[::1", env={"SHARDQA_DEBUG": "1"})
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+@pytest.mark.parametrize(
+    "data, where",
+    [
+        ({"data": ["x"]}, "data[0]: not in SQuAD v1.1 shape"),
+        ({"data": [{"paragraphs": [{"qas": []}]}]}, "data[0].paragraphs[0]: not in SQuAD v1.1 shape (missing 'context')"),
+        ({"data": [{"paragraphs": [{"context": "c", "qas": [{"id": "q1", "question": "Who?", "answers": [{"text": "c"}]}]}]}]},
+         "question 'q1': not in SQuAD v1.1 shape (missing 'answer_start')"),
+        ({"data": [{"paragraphs": [{"context": 42, "qas": [{"id": "q1", "question": "Who?", "answers": []}]}]}]},
+         "must be strings"),
+    ],
+)
+def test_squad_files_of_the_wrong_shape_are_named(tmp_path, data, where):
+    from shardqa.training.squad import SquadError, load_squad
+
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(SquadError, match="s.json") as info:
+        load_squad(path)
+    assert where in str(info.value)
+    with pytest.raises(SquadError, match="is a folder"):
+        load_squad(tmp_path)
+
+
+def test_squad_questions_for_routing_name_the_wrong_shape(tmp_path):
+    from shardqa.preprocessing.corpus import CorpusError, read_squad_questions
+
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"data": [{"title": "t", "paragraphs": [{"context": "c", "qas": [{"id": "q", "question": "Who?", "answers": [{"text": "c"}]}]}]}]}))
+    with pytest.raises(CorpusError, match=r"data\[0\].paragraphs\[0\]: not in SQuAD v1.1 shape \(missing 'answer_start'\)"):
+        read_squad_questions(path)
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"replicas": 2.7}, "replicas must be a whole number, got 2.7"),
+    ({"replicas": True}, "replicas must be a whole number"),
+    ({"replicas": 10**9}, "needs 1 <= replicas <= 1000"),
+    ({"num_cpus": float("nan")}, "finite, non-negative num_cpus"),
+    ({"num_cpus": float("inf")}, "finite, non-negative num_cpus"),
+])
+def test_shards_config_refuses_fractional_absurd_and_non_finite_values(tmp_path, entry, message):
+    import re
+
+    from shardqa.config import Settings
+    from shardqa.services.service_config import ServiceConfigError, make_service_config
+
+    with pytest.raises(ServiceConfigError, match=re.escape(message)):
+        make_service_config(Settings(), 2, {"default": entry})
+
+
+def test_non_finite_settings_and_an_empty_store_are_refused():
+    from pydantic import ValidationError
+
+    from shardqa.config import Settings
+
+    for field, value in (("num_cpus_per_replica", "inf"), ("num_cpus_per_replica", "nan"), ("store", "")):
+        with pytest.raises(ValidationError):
+            Settings(**{field: value})
+
+
+@pytest.mark.parametrize("rates", ["nan", "inf", "0", "-1"])
+def test_bench_rates_must_be_positive_and_finite(rates):
+    from shardqa.services.bench import BenchError
+    from shardqa.services.bench_cli import _floats
+
+    with pytest.raises(BenchError, match="positive and finite"):
+        _floats(rates, "--rates")
+
+
+def test_bench_all_keeps_the_last_results_when_its_arguments_are_wrong(tmp_path):
+    out = tmp_path / "results"
+    out.mkdir()
+    for name in ("profile.json", "route.json", "hop.json"):
+        (out / name).write_text("{}")
+    proc = shardqa("bench-all", "--url", "http://127.0.0.1:1", "--out", str(out), "--markdown", str(tmp_path / "B.md"),
+                   "--concurrency", "x")
+    assert "--concurrency" in one_line(proc)
+    assert sorted(p.name for p in out.iterdir()) == ["hop.json", "profile.json", "route.json"]
+
+
+def test_bench_report_refuses_results_without_a_run(tmp_path):
+    (tmp_path / "bench.json").write_text("{}")
+    report = tmp_path / "B.md"
+    assert "holds no load levels" in one_line(shardqa("bench-report", "--out", str(tmp_path), "--markdown", str(report)))
+    (tmp_path / "bench.json").write_text("{bad")
+    assert "not a results file" in one_line(shardqa("bench-report", "--out", str(tmp_path), "--markdown", str(report)))
+    assert not report.exists()
