@@ -10,6 +10,7 @@ cluster_app = typer.Typer(
     name="cluster",
     help="Status and reindexing of shardqa on Kubernetes (KubeRay RayService installed by the Helm chart).",
     no_args_is_help=True,
+    rich_markup_mode=None,
 )
 
 NAMESPACE = typer.Option(None, "--namespace", "-n", help="namespace of the release; default: the kubeconfig context's")

@@ -50,6 +50,15 @@ class _Collector:
         self.problems.append(message)
 
 
+def _not_unicode(doc: Document) -> str | None:
+    for name in ("doc_id", "title", "text"):
+        try:
+            getattr(doc, name).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return f"a lone surrogate in its {name} at character {exc.start}"
+    return None
+
+
 def squad_doc_id(title: str, paragraph_index: int) -> str:
     """The document id given to a SQuAD context; eval-route relies on it."""
     return f"{title}#{paragraph_index}"
@@ -75,6 +84,11 @@ def read_corpus(path: str | Path, on_error: OnError = "stop") -> CorpusReport:
     for d in docs:
         if d.doc_id in seen:
             col.problem(f"{path}: duplicate document id {d.doc_id!r}")
+            continue
+        bad = _not_unicode(d)
+        if bad is not None:
+            # JSON can escape lone surrogates (\ud800) that are not text.
+            col.problem(f"{path}: document {d.doc_id!r} is not valid Unicode text ({bad})")
             continue
         seen.add(d.doc_id)
         unique.append(d)

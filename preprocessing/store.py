@@ -20,6 +20,7 @@ previous versions stay readable until dropped (``keep`` newest are kept).
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shardqa.errors import IndexNotFound, StoreError, TokenizerMismatch
+from shardqa.errors import IndexNotFound, ShardQAError, StoreError, TokenizerMismatch
 from shardqa.types import Passage, TokenizedText
 
 FORMAT_VERSION = 1
@@ -63,7 +64,12 @@ class IndexManifest:
     def from_json(cls, text: str | bytes) -> "IndexManifest":
         data = json.loads(text)
         known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        manifest = cls(**{k: v for k, v in data.items() if k in known})
+        if not isinstance(manifest.format, int) or manifest.format > FORMAT_VERSION:
+            raise StoreError(f"index format {manifest.format!r} is newer than this shardqa reads ({FORMAT_VERSION}); upgrade shardqa or rebuild the index")
+        if not isinstance(manifest.shards, int) or manifest.shards < 1:
+            raise ValueError(f"the manifest gives {manifest.shards!r} shards")
+        return manifest
 
 
 @dataclass
@@ -101,10 +107,47 @@ def check_tokenizer(manifest: IndexManifest, tokenizer) -> None:
         )
 
 
+#: The reads every store implements; a failure inside one that is not
+#: shardqa's own error means files or keys that are not a whole index.
+_READS = ("current_version", "_read_manifest", "_read_shard", "_read_tables", "_read_dense", "ranking", "document_text")
+_MISSING = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
+
+
+def _reading(fn):
+    @functools.wraps(fn)
+    def read(self, *args, **kwargs):
+        try:
+            return fn(self, *args, **kwargs)
+        except ShardQAError:
+            raise
+        except OSError as exc:
+            if not isinstance(exc, _MISSING):
+                raise StoreError(f"{self.url}: cannot read the index ({exc.strerror or exc})") from None
+            raise StoreError(_damaged(self.url, exc)) from None
+        except (ValueError, KeyError, TypeError, IndexError, EOFError, AttributeError) as exc:
+            raise StoreError(_damaged(self.url, exc)) from None
+
+    return read
+
+
+def _damaged(url: str, exc: BaseException) -> str:
+    detail = " ".join(str(exc).split())[:200]
+    return (f"the index in {url} is damaged or incomplete ({type(exc).__name__}: {detail}); "
+            f"rebuild it with: shardqa index CORPUS --store {url}")
+
+
 class IndexStore(ABC):
     """A place holding versioned indexes. Reads never see a half-written version."""
 
     url: str
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # A damaged index (a truncated copy, a hand-edited manifest) is named
+        # as such, whichever store holds it, instead of failing deep inside.
+        for name in _READS:
+            if name in cls.__dict__:
+                setattr(cls, name, _reading(cls.__dict__[name]))
 
     # --- versions -------------------------------------------------------------
     @abstractmethod

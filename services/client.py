@@ -12,18 +12,48 @@ class ServiceRequestFailed(ShardQAError):
     http_status = 502
 
 
+#: What every answer in a response carries (docs/serving.md).
+ANSWER_FIELDS = ("text", "score", "doc_id", "passage_id", "start", "end", "shard")
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    return " ".join(text.split())[:limit]
+
+
 def _error_message(response: httpx.Response) -> str:
     try:
         err = response.json()["error"]
-        return f"{err['message']} ({err['code']}, HTTP {response.status_code})"
+        return f"{_one_line(str(err['message']))} ({err['code']}, HTTP {response.status_code})"
     except (ValueError, KeyError, TypeError):
-        return f"HTTP {response.status_code}: {response.text[:200]}"
+        # Not shardqa's error body: an HTML page, a proxy's message.
+        kind = response.headers.get("content-type", "no content type").split(";")[0]
+        return f"HTTP {response.status_code} from {response.url} ({kind}; is it a shardqa service?)"
+
+
+def _answer_body(response: httpx.Response) -> dict:
+    """The response as shardqa's answer object, or a one-line error saying
+    the server is something else."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    ok = (isinstance(body, dict) and isinstance(body.get("answers"), list)
+          and all(isinstance(a, dict) and all(f in a for f in ANSWER_FIELDS) for a in body["answers"]))
+    if not ok:
+        raise ServiceRequestFailed(f"{response.url} answered HTTP 200 with something that is not a shardqa answer; is it a shardqa service?")
+    return body
 
 
 def ask(url: str, question: str, top_k: int = 1, timeout_s: float = 30.0, client: httpx.Client | None = None) -> dict:
     """POST /v1/answer; the response body, or a one-line error."""
     # A base URL copied with its trailing slash would otherwise ask //v1/answer (404).
     url = url.rstrip("/")
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, ValueError, TypeError) as exc:
+        raise ServiceRequestFailed(f"not a valid URL: {url!r} ({exc})") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ServiceRequestFailed(f"not a service URL: {url!r}; expected http://host:port")
     try:
         if client is not None:
             r = client.post(f"{url}/v1/answer", json={"question": question, "top_k": top_k}, timeout=timeout_s)
@@ -32,9 +62,9 @@ def ask(url: str, question: str, top_k: int = 1, timeout_s: float = 30.0, client
     except httpx.ConnectError:
         raise ServiceRequestFailed(f"cannot reach a shardqa service at {url} (is `shardqa serve` or `shardqa demo` running?)") from None
     except httpx.TimeoutException:
-        raise ServiceRequestFailed(f"no answer from {url} within {timeout_s:.0f}s") from None
+        raise ServiceRequestFailed(f"no answer from {url} within {timeout_s:g} s") from None
     except httpx.HTTPError as exc:
         raise ServiceRequestFailed(f"request to {url} failed: {exc}") from None
     if r.status_code != 200:
         raise ServiceRequestFailed(_error_message(r))
-    return r.json()
+    return _answer_body(r)

@@ -16,6 +16,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Help texts are plain: "[default: X]" in them is text, not Rich markup
+    # (which would silently drop it).
+    rich_markup_mode=None,
 )
 
 

@@ -22,6 +22,13 @@ class InvalidContext(ShardQAError):
     code = "invalid_context"
 
 
+class InvalidText(ShardQAError):
+    """Text that is not Unicode: a lone surrogate, from JSON's \\ud800 or from
+    bytes that were not UTF-8 on a command line."""
+
+    code = "invalid_text"
+
+
 class ModelNotFound(ShardQAError):
     code = "model_not_found"
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shardqa.errors import ModelNotFound
+from shardqa.errors import InvalidText, ModelNotFound
 from shardqa.types import TokenizedText
 
 
@@ -36,6 +36,19 @@ class PairTemplate:
     @property
     def num_special(self) -> int:
         return len(self.prefix) + len(self.middle) + len(self.suffix)
+
+
+def _text(text: str) -> str:
+    """`text`, if the tokenizer can read it: a string of Unicode text."""
+    if not isinstance(text, str):
+        raise InvalidText(f"expected text, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        snippet = text[max(0, exc.start - 20):exc.start].encode("utf-8", "replace").decode()
+        raise InvalidText(f"the text is not valid Unicode (a byte that is not UTF-8, or a lone surrogate, at character "
+                          f"{exc.start}, after {snippet!r})") from None
+    return text
 
 
 class TextTokenizer:
@@ -76,7 +89,7 @@ class TextTokenizer:
         return cls(hf)
 
     def tokenize(self, text: str) -> TokenizedText:
-        enc = self.backend.encode(text, add_special_tokens=False)
+        enc = self.backend.encode(_text(text), add_special_tokens=False)
         return _to_tokenized(enc)
 
     def has_known_word(self, text: str, tokens: TokenizedText) -> bool:
@@ -89,7 +102,7 @@ class TextTokenizer:
         return False
 
     def tokenize_many(self, texts: list[str]) -> list[TokenizedText]:
-        return [_to_tokenized(e) for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+        return [_to_tokenized(e) for e in self.backend.encode_batch([_text(t) for t in texts], add_special_tokens=False)]
 
     def _read_template(self) -> PairTemplate:
         # Probe the post-processor with one-token sequences of distinguishable ids.

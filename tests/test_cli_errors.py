@@ -39,13 +39,67 @@ def test_usage_mistakes_are_one_line_naming_the_help(args, expected):
     assert expected in line and "--help`)" in line
 
 
-def test_an_unexpected_failure_is_still_one_line_and_debug_shows_the_traceback(tmp_path):
-    # A malformed IPv6 URL fails inside httpx, which no check of ours names.
-    proc = shardqa("query", "Who?", "--url", "http://[::1")
-    line = one_line(proc, code=1)
-    assert "(unexpected; SHARDQA_DEBUG=1 shows the traceback)" in line
-    debug = shardqa("query", "Who?", "--url", "http://[::1", env={"SHARDQA_DEBUG": "1"})
-    assert debug.returncode != 0 and "Traceback" in debug.stderr
+def test_an_unexpected_failure_is_still_one_line_and_debug_shows_the_traceback(monkeypatch, capsys):
+    from shardqa import cli
+
+    def broken(**_):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(cli, "app", broken)
+    monkeypatch.delenv("SHARDQA_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert err == "error: RuntimeError: boom second line (unexpected; SHARDQA_DEBUG=1 shows the traceback)\n"
+    monkeypatch.setenv("SHARDQA_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="boom"):
+        cli.main()
+
+
+@pytest.mark.parametrize("url, message", [
+    ("http://[::1", "not a valid URL"),
+    ("http://", "not a service URL"),
+    ("ftp://x", "not a service URL"),
+])
+def test_query_names_a_bad_url(url, message):
+    assert message in one_line(shardqa("query", "Who?", "--url", url))
+
+
+def test_query_refuses_text_that_is_not_unicode():
+    assert "not valid Unicode" in one_line(shardqa("query", "Who \udcff?", "--url", "http://127.0.0.1:1"))
+
+
+@pytest.mark.parametrize("status, body, ctype, message", [
+    (200, b"[1, 2]", "application/json", "not a shardqa answer"),
+    (200, b'{"answers": [{"text": "x"}]}', "application/json", "not a shardqa answer"),
+    (200, b"<html>hi</html>", "text/html", "not a shardqa answer"),
+    (404, b"<html>\n<body>not found</body>\n</html>", "text/html", "HTTP 404 from"),
+])
+def test_query_against_something_that_is_not_shardqa(status, body, ctype, message):
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            self.send_response(status)
+            self.send_header("content-type", ctype)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        line = one_line(shardqa("query", "Who?", "--url", f"http://127.0.0.1:{server.server_address[1]}"))
+        assert message in line and "<html>" not in line
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.mark.parametrize(

@@ -176,3 +176,33 @@ def test_unreachable_redis_and_a_failed_write(corpus, tokenizer, monkeypatch):
         assert store.current_version() == v1 and store.versions() == [v1]
         assert set(client.keys("*")) == before  # the half-written version was removed
         client.close()
+
+
+def test_a_damaged_index_is_named_as_such(tmp_path, corpus, tokenizer):
+    """A truncated copy or a hand-edited file is called damaged, with how to
+    rebuild, instead of failing deep inside numpy or json."""
+    import shutil
+
+    from shardqa.preprocessing.store import FORMAT_VERSION
+
+    root = tmp_path / "index"
+    version = build_index(corpus, str(root), 2, TINY, tokenizer=tokenizer).version
+    store = open_store(str(root))
+    manifest = json.loads((root / version / "manifest.json").read_text())
+    (root / version / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(StoreError, match="is damaged or incomplete .*rebuild it with: shardqa index CORPUS --store"):
+        store.manifest()
+    (root / version / "manifest.json").write_text(json.dumps({**manifest, "shards": 0}))
+    with pytest.raises(StoreError, match="damaged or incomplete .*0 shards"):
+        store.manifest()
+    (root / version / "manifest.json").write_text(json.dumps({**manifest, "format": FORMAT_VERSION + 1}))
+    with pytest.raises(StoreError, match="newer than this shardqa reads"):
+        store.manifest()
+    (root / version / "manifest.json").write_text(json.dumps(manifest))
+    shutil.rmtree(root / version / "shard-0")
+    with pytest.raises(StoreError, match="damaged or incomplete .*FileNotFoundError"):
+        store.load_shard(0)
+    (root / "CURRENT").write_bytes(b"\xff\xfe")
+    with pytest.raises(StoreError, match="damaged or incomplete .*UnicodeDecodeError"):
+        store.current_version()
+
