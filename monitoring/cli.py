@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 
 import typer
 
@@ -24,6 +25,25 @@ def _cluster(namespace: str | None, name: str, context: str | None):
     return ShardQACluster(api_client_from_config(context), namespace or default_namespace(context), name)
 
 
+@contextmanager
+def _reaching_the_cluster():
+    """The API server unreachable, or answering with something that is not
+    JSON: one line saying so, not urllib3's retry chain."""
+    import urllib3
+
+    from shardqa.monitoring.cluster import ClusterError
+
+    try:
+        yield
+    except urllib3.exceptions.HTTPError as exc:
+        reason = getattr(exc, "reason", None) or exc
+        where = getattr(exc, "url", None) or ""
+        raise ClusterError(f"cannot reach the Kubernetes API server{' (' + where + ')' if where else ''}: "
+                           f"{' '.join(str(reason).split())[:200]}") from None
+    except ValueError as exc:  # json's decode error included
+        raise ClusterError(f"the Kubernetes API server answered something unexpected: {' '.join(str(exc).split())[:200]}") from None
+
+
 @cluster_app.command("status")
 def status(
     namespace: str = NAMESPACE,
@@ -32,7 +52,8 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="print the status as JSON"),
 ) -> None:
     """RayService status, ready replicas per shard and the index version being served."""
-    st = _cluster(namespace, name, context).status()
+    with _reaching_the_cluster():
+        st = _cluster(namespace, name, context).status()
     if as_json:
         typer.echo(json.dumps(st.to_dict(), indent=2))
     else:
@@ -62,8 +83,9 @@ def reindex(
     switch_timeout: float = typer.Option(120.0, "--switch-timeout", min=1, help="seconds to wait for the service to switch"),
 ) -> None:
     """Build a new index version in a Job, wait for it, and wait until the service switches to it."""
-    cluster = _cluster(namespace, name, context)
-    result = cluster.reindex(corpus, job_timeout, switch_timeout, progress=lambda m: typer.echo(m, err=True))
+    with _reaching_the_cluster():
+        cluster = _cluster(namespace, name, context)
+        result = cluster.reindex(corpus, job_timeout, switch_timeout, progress=lambda m: typer.echo(m, err=True))
     if not result.switched:
         from shardqa.monitoring.cluster import ClusterError
 

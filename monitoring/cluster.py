@@ -83,6 +83,7 @@ class ReindexResult:
 
 def api_client_from_config(context: str | None = None):
     """A client from the kubeconfig (or the pod's service account in a cluster)."""
+    import yaml
     from kubernetes import config
     from kubernetes.config.config_exception import ConfigException
 
@@ -95,6 +96,8 @@ def api_client_from_config(context: str | None = None):
 
             return client.ApiClient()
         raise ClusterError(f"no usable Kubernetes configuration: {exc}") from None
+    except (yaml.YAMLError, ValueError, OSError) as exc:  # not YAML, not UTF-8, unreadable
+        raise ClusterError(f"cannot read the kubeconfig: {' '.join(str(exc).split())[:200]}") from None
 
 
 def _kubeconfig() -> str | None:

@@ -66,6 +66,17 @@ def check_redis(url: str, what: str = "Redis") -> None:
         raise StoreError(f"{what}: {exc}") from None
 
 
+def _unreachable(url: str, exc: Exception) -> str:
+    """Why a connection failed: a server that wants a password is reachable."""
+    text = " ".join(str(exc).split())
+    if type(exc).__name__ in ("AuthenticationError", "AuthenticationWrongNumberOfArgsError") or any(
+        mark in text for mark in ("NOAUTH", "WRONGPASS", "authenticated", "invalid password", "invalid username-password")
+    ):
+        return (f"Redis at {url} refused the login ({text}); give the password in the URL, "
+                f"e.g. redis://:PASSWORD@host:port or redis://USER:PASSWORD@host:port")
+    return f"cannot reach Redis at {url}: {text}"
+
+
 class RedisStore(IndexStore):
     def __init__(self, url: str, socket_timeout: float = 10.0):
         import redis
@@ -109,10 +120,10 @@ class RedisStore(IndexStore):
         except StoreError:
             raise
         except self._redis_errors as exc:
-            raise StoreError(f"cannot reach Redis at {self.url}: {exc}") from None
+            raise StoreError(_unreachable(self.url, exc)) from None
         except self._cluster_error as exc:
             if "cannot be connected" in str(exc):
-                raise StoreError(f"cannot reach Redis at {self.url}: {exc}") from None
+                raise StoreError(_unreachable(self.url, exc)) from None
             raise StoreError(f"Redis at {self.url} refused a cluster connection: {exc}") from None
         except (ValueError, self._response_error) as exc:
             raise StoreError(f"bad Redis store URL {self.url}: {exc}") from None
@@ -134,7 +145,7 @@ class RedisStore(IndexStore):
         try:
             return fn(*args, **kwargs)
         except self._redis_errors as exc:
-            raise StoreError(f"cannot reach Redis at {self.url}: {exc}") from None
+            raise StoreError(_unreachable(self.url, exc)) from None
         except self._response_error as exc:
             raise StoreError(f"Redis at {self.url} refused: {exc}") from None
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shardqa.errors import CorpusError
+from shardqa.errors import CorpusError, ShardQAError
 
 KS = (1, 3, 5, 8)
 
@@ -98,10 +98,10 @@ def evaluate_routing(router, store, squad_path, limit: int | None = None, baseli
     dense_used = 0
     # warm-up (first-call allocations) is not a routing latency
     for q in questions[:5]:
-        router.route(q.question, kmax)
+        _route(router, q, kmax)
     for q in questions:
         t = time.perf_counter()
-        result = router.route(q.question, kmax)
+        result = _route(router, q, kmax)
         lat.append((time.perf_counter() - t) * 1000.0)
         dense_used += result.dense
         idx = np.asarray([router_index(router, p.passage_id) for p in result.passages], dtype=np.int64)
@@ -141,7 +141,10 @@ def _recall_of(router, questions, doc_index) -> tuple[dict[int, float], float]:
     hits = {k: 0 for k in KS}
     shards = 0
     for q in questions:
-        idx, _ = router.top(q.question, kmax)
+        try:
+            idx, _ = router.top(q.question, kmax)
+        except ShardQAError as exc:
+            raise type(exc)(f"question {q.qid!r}: {exc}") from None
         ok = _hits(router, doc_index.get(q.doc_id, -1), q.answers, idx)
         for k in KS:
             hits[k] += bool(ok[:k].any())
@@ -177,3 +180,12 @@ def _baseline(router, store, questions, doc_index) -> dict[int, float]:
         for k in KS:
             hits[k] += bool(ok[:k].any())
     return {k: hits[k] / len(questions) for k in KS}
+
+
+def _route(router, q, k: int):
+    """Route one SQuAD question; a refusal names the question to mend."""
+    try:
+        return router.route(q.question, k)
+    except ShardQAError as exc:
+        raise type(exc)(f"question {q.qid!r}: {exc}") from None
+

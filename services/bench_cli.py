@@ -14,6 +14,21 @@ from typing import Any, Optional
 import typer
 
 
+def _results_dir(path: Path, what: str = "--out") -> Path:
+    """`path`, made now: a run's figures must not be lost at the end to a
+    folder that cannot be written."""
+    from shardqa.services.bench import BenchError
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".shardqa-write-check"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise BenchError(f"{what} {path}: cannot write there ({exc.strerror or exc})") from None
+    return path
+
+
 def _floats(text: str, what: str) -> tuple[float, ...]:
     from shardqa.services.bench import BenchError
 
@@ -289,6 +304,7 @@ def register(app: typer.Typer) -> None:
 
         conc = _ints(concurrency, "--concurrency")
         rts = _floats(rates, "--rates")
+        _results_dir(out)
         qfile = questions or default_questions_file()
         result, _, _ = run_bench(url, qfile, limit=limit, concurrency=conc, rates=rts, top_k=top_k, seed=seed, warmup=warmup,
                            warm=warm, timeout_s=timeout, ready_timeout_s=ready_timeout, baseline=baseline,
@@ -327,6 +343,7 @@ def register(app: typer.Typer) -> None:
         if bad or not names:
             raise B.BenchError(f"--backends: unknown {', '.join(bad) or '(none)'}; choose from {', '.join(R.BACKENDS)}")
         lens = _ints(lengths, "--lengths")
+        _results_dir(out)
         examples = load_squad(questions or default_questions_file())
         f1_ex = B.distinct_questions(examples)[:f1_questions] if f1_questions else None
         result = R.run_reader_bench(model, names, lens, runs, examples, f1_examples=f1_ex, threads=threads, log=B._log)
@@ -382,7 +399,7 @@ def register(app: typer.Typer) -> None:
         st = get_settings()
         out = out or REPO_ROOT / "benchmarks" / "results"
         markdown = markdown or REPO_ROOT / "BENCHMARKS.md"
-        out.mkdir(parents=True, exist_ok=True)
+        _results_dir(out)
         names = tuple(b.strip() for b in reader_backends.split(",") if b.strip())
         bad = [b for b in names if b not in R.BACKENDS]
         if bad:

@@ -78,6 +78,7 @@ def main() -> None:
 
     from shardqa.config import settings_error_line
 
+    _warn_unknown_settings()
     try:
         # Not standalone: click would print usage errors as a boxed block and
         # swallow Ctrl-C; here every failure becomes one line.
@@ -106,6 +107,26 @@ def main() -> None:
     except Exception as exc:
         _unexpected(exc)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+#: SHARDQA_* variables that are not settings: read by a test, a script or
+#: the chart's index Job, or SHARDQA_DEBUG above.
+NOT_SETTINGS = frozenset({"SHARDQA_DEBUG", "SHARDQA_CORPUS", "SHARDQA_HELM", "SHARDQA_TERMINATION_LOG"})
+
+
+def _warn_unknown_settings() -> None:
+    """pydantic-settings ignores a misspelled variable; say so instead."""
+    if not any(k.startswith("SHARDQA_") for k in os.environ):
+        return
+    import difflib
+
+    from shardqa.config import Settings
+
+    known = {f"SHARDQA_{name.upper()}" for name in Settings.model_fields}
+    for name in sorted(k for k in os.environ if k.startswith("SHARDQA_") and k not in known | NOT_SETTINGS):
+        close = difflib.get_close_matches(name, sorted(known), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        typer.echo(f"warning: {name} is not a shardqa setting and is ignored{hint}; `shardqa config` lists them", err=True)
 
 
 def _one_line(text: str) -> str:

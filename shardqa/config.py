@@ -8,6 +8,7 @@ them all; `shardqa config` prints the values in force.
 from __future__ import annotations
 
 import json
+import math
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -38,7 +39,9 @@ class Settings(BaseSettings):
         description="ONNX Runtime execution providers in order of preference, comma-separated or a JSON list; "
         "empty = by device (CUDA: TensorRT, CUDA, CPU; CPU: CPU)",
     )
-    threads: int = Field(0, ge=0, description="intra-op threads per model copy; 0 = library default")
+    # Bounded: ONNX Runtime starts every thread asked for, and a typo such as
+    # 100000 hangs the process instead of failing.
+    threads: int = Field(0, ge=0, le=256, description="intra-op threads per model copy; 0 = library default")
     # Off: ONNX Runtime's intra-op threads otherwise spin between operators,
     # and shard replicas sharing cores burn the CPU the others need. Measured
     # here (4 shards, 2 threads each, 2 cores, HAProxy ingress): concurrency 4
@@ -83,7 +86,7 @@ class Settings(BaseSettings):
     route_encoder: str = Field(
         "auto", description="dense encoder for indexing and routing: auto (the installed all-MiniLM-L6-v2), a folder, or none"
     )
-    route_encoder_threads: int = Field(1, ge=0, description="intra-op threads of the router's question encoder; 0 = library default")
+    route_encoder_threads: int = Field(1, ge=0, le=256, description="intra-op threads of the router's question encoder; 0 = library default")
     # The dense score mostly rescues questions whose lexical ranking is flat:
     # when the best lexical passage clearly leads the 8th, the encoder (2 ms of
     # the router's 3) rarely changes whether the answer is routed. 0.9 was
@@ -124,7 +127,7 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(16, ge=1, description="@serve.batch max batch size in shard replicas")
     # 0: a lone request runs at once; requests that arrive during a forward
     # pass still form the next batch (measured: 2-3 ms off p50 at concurrency 1).
-    batch_wait_timeout_s: float = Field(0.0, ge=0, description="@serve.batch wait for a fuller batch")
+    batch_wait_timeout_s: float = Field(0.0, ge=0, allow_inf_nan=False, description="@serve.batch wait for a fuller batch")
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="larger request bodies get 413")
     max_batch_questions: int = Field(64, ge=1, description="questions per /v1/answer:batch call")
     max_top_k: int = Field(10, ge=1)
@@ -138,15 +141,32 @@ class Settings(BaseSettings):
     # --- answer cache -------------------------------------------------------------
     cache_url: str | None = Field(None, description="Redis URL for the answer cache; none = in-process cache")
     cache_ttl_s: int = Field(3600, ge=1)
-    cache_timeout_s: float = Field(0.05, gt=0, description="a slower cache counts as down for this request")
+    cache_timeout_s: float = Field(0.05, gt=0, allow_inf_nan=False, description="a slower cache counts as down for this request")
     # A computation runs on after its client hangs up (others may be waiting
     # for the same answer), so something must bound a stuck one.
-    answer_timeout_s: float = Field(30.0, gt=0, description="an uncached answer not ready by then is a 503")
+    answer_timeout_s: float = Field(30.0, gt=0, allow_inf_nan=False, description="an uncached answer not ready by then is a 503")
 
     # --- targets (alerts, dashboards, benchmark verdicts) --------------------------
-    target_p50_ms: float = 20.0
-    target_p99_ms: float = 50.0
-    target_cached_p50_ms: float = 3.0
+    target_p50_ms: float = Field(20.0, gt=0, allow_inf_nan=False)
+    target_p99_ms: float = Field(50.0, gt=0, allow_inf_nan=False)
+    target_cached_p50_ms: float = Field(3.0, gt=0, allow_inf_nan=False)
+
+    @field_validator("cache_dir", mode="before")
+    @classmethod
+    def _not_empty(cls, value):
+        # Path("") is ".": an empty variable would write into the working directory.
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("must name a folder, not be empty")
+        return value
+
+    @field_validator("*")
+    @classmethod
+    def _not_nan(cls, value):
+        # inf means something for a few settings (read every passage, always
+        # run the encoder); NaN never does, and compares false with everything.
+        if isinstance(value, float) and math.isnan(value):
+            raise ValueError("NaN is not a number this setting can take")
+        return value
 
     @field_validator("onnx_providers", mode="before")
     @classmethod

@@ -65,7 +65,7 @@ def _wait_ping(port: int, proc: subprocess.Popen, timeout: float = START_TIMEOUT
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
                 s.sendall(b"PING\r\n")
-                if s.recv(64).startswith(b"+PONG"):
+                if s.recv(64).startswith((b"+PONG", b"-NOAUTH")):  # up (with a password: up and asking for it)
                     return
         except OSError:
             pass

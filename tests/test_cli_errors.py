@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+TINY = Path(__file__).resolve().parent / "fixtures" / "tiny-bert-qa"
+
 
 def shardqa(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     import os
@@ -188,3 +190,57 @@ def test_bench_report_refuses_results_without_a_run(tmp_path):
     (tmp_path / "bench.json").write_text("{bad")
     assert "not a results file" in one_line(shardqa("bench-report", "--out", str(tmp_path), "--markdown", str(report)))
     assert not report.exists()
+
+
+def test_settings_refuse_nan_absurd_thread_counts_and_an_empty_cache_dir():
+    for var, value, message in (
+        ("SHARDQA_READ_FIRST_STOP_LOGIT", "nan", "NaN is not a number this setting can take"),
+        ("SHARDQA_THREADS", "100000", "less than or equal to 256"),
+        ("SHARDQA_CACHE_DIR", "", "must name a folder"),
+        ("SHARDQA_TARGET_P50_MS", "-5", "greater than 0"),
+        ("SHARDQA_ANSWER_TIMEOUT_S", "inf", "finite number"),
+    ):
+        assert message in one_line(shardqa("config", env={var: value})), var
+    # inf still means "always" where it is documented to.
+    assert shardqa("config", env={"SHARDQA_READ_FIRST_STOP_LOGIT": "inf"}).returncode == 0
+
+
+def test_a_misspelled_setting_is_named_not_silently_ignored():
+    proc = shardqa("config", "--json", env={"SHARDQA_SHARD": "3"})
+    assert proc.returncode == 0
+    assert proc.stderr.strip() == ("warning: SHARDQA_SHARD is not a shardqa setting and is ignored "
+                                   "(did you mean SHARDQA_SHARDS?); `shardqa config` lists them")
+
+
+def test_help_texts_keep_their_defaults():
+    out = shardqa("index", "--help").stdout
+    assert "[default: SHARDQA_STORE]" in " ".join(out.split())
+
+
+def test_benchmarks_check_their_output_folder_before_running(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for command in (("bench-reader", "--runs", "1"), ("bench", "--url", "http://127.0.0.1:1")):
+        assert "cannot write there" in one_line(shardqa(*command, "--out", str(blocker / "out")))
+
+
+def test_an_unreachable_or_unreadable_kubeconfig_is_one_line(tmp_path):
+    unreachable = tmp_path / "unreachable"
+    unreachable.write_text(
+        "apiVersion: v1\nkind: Config\nclusters:\n- cluster: {server: 'https://127.0.0.1:1'}\n  name: c\n"
+        "contexts:\n- context: {cluster: c, user: u, namespace: ns}\n  name: x\ncurrent-context: x\n"
+        "users:\n- name: u\n  user: {token: abc}\n"
+    )
+    assert "cannot reach the Kubernetes API server" in one_line(shardqa("cluster", "status", env={"KUBECONFIG": str(unreachable)}))
+    broken = tmp_path / "broken"
+    broken.write_text("a: [b\n")
+    assert "cannot read the kubeconfig" in one_line(shardqa("cluster", "status", env={"KUBECONFIG": str(broken)}))
+
+
+def test_index_refuses_more_shards_than_document_groups(tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("\n".join(json.dumps({"id": f"d{i}", "text": f"Document {i} is about river{i}."}) for i in range(2)))
+    line = one_line(shardqa("index", str(corpus), "--store", str(tmp_path / "idx"), "--shards", "5",
+                            "--model", str(TINY), "--encoder", "none", "--quiet"))
+    assert "--shards 5 is more than the corpus's 2 document group(s)" in line and "use --shards 2 or fewer" in line
+    assert not (tmp_path / "idx" / "CURRENT").exists()

@@ -206,3 +206,15 @@ def test_a_damaged_index_is_named_as_such(tmp_path, corpus, tokenizer):
     with pytest.raises(StoreError, match="damaged or incomplete .*UnicodeDecodeError"):
         store.current_version()
 
+
+
+@pytest.mark.redis
+def test_a_redis_that_wants_a_password_says_so():
+    with RedisServer(extra=("--requirepass", "s3cret")) as server:
+        port = server.port
+        for url in (f"redis://127.0.0.1:{port}", f"redis://:wrong@127.0.0.1:{port}"):
+            with pytest.raises(StoreError, match="refused the login .*give the password in the URL") as info:
+                open_store(url).current_version()
+            assert "wrong" not in str(info.value)  # the password stays redacted
+        with pytest.raises(IndexNotFound):
+            open_store(f"redis://:s3cret@127.0.0.1:{port}").current_version()

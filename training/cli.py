@@ -16,6 +16,7 @@ def evaluate_reader(reader, examples, batch_size: int = 16, progress: bool = Tru
     """Official SQuAD v1.1 EM/F1 of the reader over each question's gold paragraph."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from shardqa.errors import ShardQAError
     from shardqa.services.reader import ReadRequest, passage_from_text
     from shardqa.training.squad import squad_scores
 
@@ -28,9 +29,13 @@ def evaluate_reader(reader, examples, batch_size: int = 16, progress: bool = Tru
             chunk = examples[i : i + batch_size]
             requests = []
             for ex in chunk:
-                if ex.context not in passages:
-                    passages[ex.context] = passage_from_text(reader.tokenizer, ex.context)
-                requests.append(ReadRequest(reader.check_question(ex.question), [passages[ex.context]], 1))
+                try:
+                    if ex.context not in passages:
+                        passages[ex.context] = passage_from_text(reader.tokenizer, ex.context)
+                    requests.append(ReadRequest(reader.check_question(ex.question), [passages[ex.context]], 1))
+                except ShardQAError as exc:
+                    # Which of thousands of questions: the file needs mending there.
+                    raise type(exc)(f"question {ex.id!r}: {exc}") from None
             for ex, answers in zip(chunk, reader.answer_batch(requests)):
                 predictions[ex.id] = answers[0].text if answers else ""
             bar.advance(task, len(chunk))
