@@ -87,6 +87,14 @@ def model_hash(model_dir: Path) -> str:
     return h.hexdigest()[:20]
 
 
+def quiet_weight_loading() -> None:
+    """transformers draws a "Loading weights" progress bar for a load that
+    takes milliseconds; on stderr of a one-line CLI it is noise."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 class TorchBackend:
     name = "torch"
 
@@ -100,6 +108,7 @@ class TorchBackend:
         self.device = device
         # Weights may ship in fp16 to stay small; computing in fp32 keeps CPU
         # kernels fast and answers identical across backends.
+        quiet_weight_loading()
         self.model = AutoModelForQuestionAnswering.from_pretrained(str(model_dir), dtype=torch.float32).to(device).eval()
         self.input_names = _model_input_names(self.model)
 

@@ -51,11 +51,14 @@ class NaiveBaseline:
         import torch
         from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
+        from shardqa.services.backends import quiet_weight_loading
+
         if not paragraphs:
             raise ValueError("the baseline needs a non-empty corpus")
         self.model_id = str(model)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model)
+            quiet_weight_loading()
             self.model = AutoModelForQuestionAnswering.from_pretrained(model)
         except OSError as exc:
             raise ModelNotFound(f"cannot load model {model!r} for the baseline: {exc}") from None

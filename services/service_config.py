@@ -99,9 +99,11 @@ def load_shards_config(source: str | Path | Mapping[str, Any] | None) -> dict[st
     else:
         path = Path(source)
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise ServiceConfigError(f"cannot read shards config {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ServiceConfigError(f"shards config {path} is not UTF-8 text") from None
         try:
             if path.suffix in (".yaml", ".yml"):
                 import yaml
@@ -110,7 +112,8 @@ def load_shards_config(source: str | Path | Mapping[str, Any] | None) -> dict[st
             else:
                 data = json.loads(text)
         except Exception as exc:
-            raise ServiceConfigError(f"shards config {path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {exc}") from None
+            detail = " ".join(str(exc).split())
+            raise ServiceConfigError(f"shards config {path} is not valid {path.suffix.lstrip('.').upper() or 'JSON'}: {detail}") from None
     if not isinstance(data, Mapping):
         raise ServiceConfigError('a shards config is a mapping with the keys "default" and/or "shards"')
     unknown = _unknown_keys(data, ("default", "shards"))

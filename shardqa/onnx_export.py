@@ -53,6 +53,9 @@ def load_for_export(auto_class, model_dir: Path):
     """The model in fp32 with eager attention (weights may ship in fp16)."""
     import torch
 
+    from shardqa.services.backends import quiet_weight_loading
+
+    quiet_weight_loading()
     return auto_class.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="eager").eval()
 
 

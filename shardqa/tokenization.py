@@ -85,7 +85,10 @@ class TextTokenizer:
         try:
             hf = AutoTokenizer.from_pretrained(str(model))
         except (OSError, ValueError) as exc:
-            raise ModelNotFound(f"cannot load a tokenizer from {model!s}: {str(exc).splitlines()[0]}") from None
+            # transformers' messages run over several lines (and one breaks
+            # off after its first): all of it, on one line.
+            detail = " ".join(str(exc).split())[:300]
+            raise ModelNotFound(f"cannot load a tokenizer from {model!s}: {detail}") from None
         return cls(hf)
 
     def tokenize(self, text: str) -> TokenizedText:

@@ -24,6 +24,9 @@ def export_weights(src: Path, dest: Path, model_id: str) -> dict:
     from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
     dest.mkdir(parents=True, exist_ok=True)
+    from shardqa.services.backends import quiet_weight_loading
+
+    quiet_weight_loading()
     model = AutoModelForQuestionAnswering.from_pretrained(str(src), dtype=torch.float32)
     model.half().save_pretrained(dest)
     tok = AutoTokenizer.from_pretrained(str(src))
