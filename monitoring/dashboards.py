@@ -13,6 +13,7 @@ deployment changes its targets in the chart's values.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,23 @@ ANSWER_ENDPOINT = "/v1/answer"
 Panel = dict[str, Any]
 
 
+#: Every series of shardqa (and Ray Serve's) in a query is narrowed to the
+#: chosen release namespaces; "All" also matches series without the label
+#: (a local Prometheus).
+_SERIES = re.compile(r"\b((?:shardqa[_:]|ray_serve_)[A-Za-z0-9_:]*)(\{([^}]*)\})?")
+NAMESPACE_MATCHER = 'namespace=~"$namespace"'
+
+
+def _in_namespace(expr: str) -> str:
+    def narrow(m: re.Match) -> str:
+        inner = m.group(3)
+        return f"{m.group(1)}{{{NAMESPACE_MATCHER}{',' + inner if inner else ''}}}"
+
+    return _SERIES.sub(narrow, expr)
+
+
 def _target(expr: str, legend: str, ref: str) -> dict[str, Any]:
-    return {"datasource": DATASOURCE, "expr": expr, "legendFormat": legend, "refId": ref, "range": True}
+    return {"datasource": DATASOURCE, "expr": _in_namespace(expr), "legendFormat": legend, "refId": ref, "range": True}
 
 
 def _quantile(q: float, metric: str, by: str, selector: str = "") -> str:
@@ -295,7 +311,25 @@ def overview() -> dict[str, Any]:
                     "hide": 0,
                     "refresh": 1,
                     "regex": "",
-                }
+                },
+                {
+                    # One dashboard for every release a Prometheus scrapes:
+                    # pick the release's namespace, or all of them.
+                    "name": "namespace",
+                    "label": "Namespace",
+                    "type": "query",
+                    "datasource": DATASOURCE,
+                    "query": {"query": "label_values(shardqa_index_info, namespace)", "refId": "namespaces"},
+                    "definition": "label_values(shardqa_index_info, namespace)",
+                    "includeAll": True,
+                    "multi": True,
+                    "allValue": ".*",
+                    "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+                    "hide": 0,
+                    "refresh": 2,
+                    "sort": 1,
+                    "regex": "",
+                },
             ]
         },
         "panels": panels,

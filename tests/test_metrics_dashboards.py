@@ -108,3 +108,15 @@ def test_latency_panels_draw_the_target_line():
         assert {"id": "custom.lineStyle", "value": {"fill": "dash", "dash": [10, 10]}} in override["properties"]
     uncached = next(p for p in latency if "uncached" in p["title"])
     assert [t["legendFormat"] for t in uncached["targets"]][:3] == ["p50", "p95", "p99"]
+
+
+def test_every_series_is_narrowed_to_the_chosen_namespaces():
+    """One Prometheus may scrape several releases: the dashboard shows the
+    namespaces picked in its variable ("All" also matches a local scrape
+    without the label)."""
+    dashboard = all_dashboards()["shardqa-overview.json"]
+    variable = next(v for v in dashboard["templating"]["list"] if v["name"] == "namespace")
+    assert variable["includeAll"] and variable["allValue"] == ".*" and variable["multi"]
+    for expr in exprs(dashboard):
+        for series, selector in re.findall(r"\b((?:shardqa[_:]|ray_serve_)[A-Za-z0-9_:]*)(\{[^}]*\})?", expr):
+            assert selector.startswith('{namespace=~"$namespace"'), f"{series} in {expr}"
