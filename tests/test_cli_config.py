@@ -59,7 +59,7 @@ def test_a_bad_setting_in_the_environment_is_one_line(env, monkeypatch, capsys):
 def test_a_setting_pydantic_settings_cannot_decode_is_one_line(monkeypatch, capsys):
     from pydantic_settings import SettingsError
 
-    def broken():
+    def broken(**_):
         try:
             raise ValueError("Expecting value: line 1 column 1 (char 0)\nmore detail")
         except ValueError as exc:
