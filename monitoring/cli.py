@@ -31,6 +31,7 @@ def _reaching_the_cluster():
     JSON: one line saying so, not urllib3's retry chain."""
     import urllib3
 
+    from shardqa.errors import one_line
     from shardqa.monitoring.cluster import ClusterError
 
     try:
@@ -39,9 +40,9 @@ def _reaching_the_cluster():
         reason = getattr(exc, "reason", None) or exc
         where = getattr(exc, "url", None) or ""
         raise ClusterError(f"cannot reach the Kubernetes API server{' (' + where + ')' if where else ''}: "
-                           f"{' '.join(str(reason).split())[:200]}") from None
+                           f"{one_line(reason, 200)}") from None
     except ValueError as exc:  # json's decode error included
-        raise ClusterError(f"the Kubernetes API server answered something unexpected: {' '.join(str(exc).split())[:200]}") from None
+        raise ClusterError(f"the Kubernetes API server answered something unexpected: {one_line(exc, 200)}") from None
 
 
 @cluster_app.command("status")

@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from shardqa.errors import ShardQAError
+from shardqa.errors import ShardQAError, one_line
 
 RAY_GROUP, RAY_VERSION, RAYSERVICES = "ray.io", "v1", "rayservices"
 APP_NAME = "shardqa"
@@ -97,7 +97,7 @@ def api_client_from_config(context: str | None = None):
             return client.ApiClient()
         raise ClusterError(f"no usable Kubernetes configuration: {exc}") from None
     except (yaml.YAMLError, ValueError, OSError) as exc:  # not YAML, not UTF-8, unreadable
-        raise ClusterError(f"cannot read the kubeconfig: {' '.join(str(exc).split())[:200]}") from None
+        raise ClusterError(f"cannot read the kubeconfig: {one_line(exc, 200)}") from None
 
 
 def _kubeconfig() -> str | None:

@@ -174,12 +174,6 @@ def build_index_report(
         store.ping()
     report = read_corpus(corpus_path, on_error=on_error)  # type: ignore[arg-type]
     docs: list[Document] = report.documents
-    groups = len({d.group for d in docs})
-    if shards > groups:
-        # A group (a document, or an article's paragraphs) stays whole on one
-        # shard, so the rest would be Serve deployments with nothing to read.
-        raise ShardQAError(f"--shards {shards} is more than the corpus's {groups} document group(s), and a group is never "
-                           f"split: {shards - groups} shard(s) would hold nothing; use --shards {groups} or fewer")
     t = phase("read", t)
     if tokenizer is None:
         tokenizer = TextTokenizer.from_pretrained(model)

@@ -67,5 +67,12 @@ def register(app: typer.Typer) -> None:
                   else "dense vectors: none (the router ranks lexically)", highlight=False)
         if result.problems:
             con.print(f"[yellow]{len(result.problems)} records skipped[/] (listed above)")
+        empty = [s for s, n in enumerate(m.passages_per_shard) if n == 0]
+        if empty:
+            # A group (a document, or an article's paragraphs) stays whole on
+            # one shard; a fixed shard count may outnumber a small corpus's.
+            err.print(f"[yellow]warning:[/] {len(empty)} of {m.shards} shards hold no passage (shards "
+                      f"{', '.join(map(str, empty))}): the corpus has fewer document groups than shards, and a group "
+                      f"is never split; their deployments will have nothing to read", highlight=False, markup=True)
         phases = " ".join(f"{k} {v:.1f}s" for k, v in result.phase_seconds.items())
         con.print(f"model {m.model} (tokenizer {m.tokenizer_fingerprint}) · {result.seconds:.1f} s ({phases})", highlight=False)

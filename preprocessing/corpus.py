@@ -51,11 +51,12 @@ class _Collector:
 
 
 def _not_unicode(doc: Document) -> str | None:
+    from shardqa.tokenization import not_unicode_at
+
     for name in ("doc_id", "title", "text"):
-        try:
-            getattr(doc, name).encode("utf-8")
-        except UnicodeEncodeError as exc:
-            return f"a lone surrogate in its {name} at character {exc.start}"
+        at = not_unicode_at(getattr(doc, name))
+        if at is not None:
+            return f"a lone surrogate in its {name} at character {at}"
     return None
 
 

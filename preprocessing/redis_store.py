@@ -32,7 +32,7 @@ import json
 import time
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from shardqa.errors import IndexNotFound, StoreError
+from shardqa.errors import IndexNotFound, StoreError, one_line
 from shardqa.preprocessing.store import (
     SHARD_ARRAYS,
     IndexBundle,
@@ -68,7 +68,7 @@ def check_redis(url: str, what: str = "Redis") -> None:
 
 def _unreachable(url: str, exc: Exception) -> str:
     """Why a connection failed: a server that wants a password is reachable."""
-    text = " ".join(str(exc).split())
+    text = one_line(exc)
     if type(exc).__name__ in ("AuthenticationError", "AuthenticationWrongNumberOfArgsError") or any(
         mark in text for mark in ("NOAUTH", "WRONGPASS", "authenticated", "invalid password", "invalid username-password")
     ):

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shardqa.errors import IndexNotFound, ShardQAError, StoreError, TokenizerMismatch
+from shardqa.errors import IndexNotFound, ShardQAError, StoreError, TokenizerMismatch, one_line
 from shardqa.types import Passage, TokenizedText
 
 FORMAT_VERSION = 1
@@ -63,8 +63,13 @@ class IndexManifest:
     @classmethod
     def from_json(cls, text: str | bytes) -> "IndexManifest":
         data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"the manifest is a JSON {type(data).__name__}, not an object")
         known = {f for f in cls.__dataclass_fields__}
-        manifest = cls(**{k: v for k, v in data.items() if k in known})
+        try:
+            manifest = cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as exc:  # a field missing
+            raise ValueError(f"the manifest lacks a field ({exc})") from None
         if not isinstance(manifest.format, int) or manifest.format > FORMAT_VERSION:
             raise StoreError(f"index format {manifest.format!r} is newer than this shardqa reads ({FORMAT_VERSION}); upgrade shardqa or rebuild the index")
         if not isinstance(manifest.shards, int) or manifest.shards < 1:
@@ -124,16 +129,18 @@ def _reading(fn):
             if not isinstance(exc, _MISSING):
                 raise StoreError(f"{self.url}: cannot read the index ({exc.strerror or exc})") from None
             raise StoreError(_damaged(self.url, exc)) from None
-        except (ValueError, KeyError, TypeError, IndexError, EOFError, AttributeError) as exc:
+        # Not TypeError or AttributeError: those are bugs of the caller, not
+        # of the files (the parsers above turn a file's shape into ValueError).
+        except (ValueError, KeyError, IndexError, EOFError) as exc:
             raise StoreError(_damaged(self.url, exc)) from None
 
     return read
 
 
 def _damaged(url: str, exc: BaseException) -> str:
-    detail = " ".join(str(exc).split())[:200]
+    detail = one_line(exc, 200)
     return (f"the index in {url} is damaged or incomplete ({type(exc).__name__}: {detail}); "
-            f"rebuild it with: shardqa index CORPUS --store {url}")
+            f"if it was not just replaced by a newer version, rebuild it with: shardqa index CORPUS --store {url}")
 
 
 class IndexStore(ABC):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 
-from shardqa.errors import ShardQAError
+from shardqa.errors import ShardQAError, one_line
 
 
 class ServiceRequestFailed(ShardQAError):
@@ -16,14 +16,10 @@ class ServiceRequestFailed(ShardQAError):
 ANSWER_FIELDS = ("text", "score", "doc_id", "passage_id", "start", "end", "shard")
 
 
-def _one_line(text: str, limit: int = 200) -> str:
-    return " ".join(text.split())[:limit]
-
-
 def _error_message(response: httpx.Response) -> str:
     try:
         err = response.json()["error"]
-        return f"{_one_line(str(err['message']))} ({err['code']}, HTTP {response.status_code})"
+        return f"{one_line(err['message'], 200)} ({err['code']}, HTTP {response.status_code})"
     except (ValueError, KeyError, TypeError):
         # Not shardqa's error body: an HTML page, a proxy's message.
         kind = response.headers.get("content-type", "no content type").split(";")[0]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from shardqa.config import Settings
 from shardqa.errors import InvalidQuestion, QuestionTooLong
-from shardqa.tokenization import TextTokenizer
+from shardqa.tokenization import TextTokenizer, not_unicode_at
 from shardqa.types import TokenizedText
 
 
@@ -41,11 +41,9 @@ class QuestionChecker:
             raise InvalidQuestion("the question is empty")
         if len(question) > self.max_chars:
             raise QuestionTooLong(f"the question has {len(question)} characters; the limit is {self.max_chars}")
-        try:
-            question.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            # JSON can carry lone surrogates (\ud800) that are not text at all.
-            raise InvalidQuestion(f"the question is not valid Unicode text (lone surrogate at character {exc.start})") from None
+        at = not_unicode_at(question)
+        if at is not None:
+            raise InvalidQuestion(f"the question is not valid Unicode text (lone surrogate at character {at})")
 
     def tokenize(self, question: str) -> TokenizedText:
         tokens = self.tokenizer.tokenize(question)

@@ -140,12 +140,13 @@ def register(app: typer.Typer) -> None:
 
             raise fail(f"--timeout must be a positive number of seconds, not {timeout:g}")
 
-        try:
-            question.encode("utf-8")
-        except UnicodeEncodeError as exc:
+        from shardqa.tokenization import not_unicode_at
+
+        at = not_unicode_at(question)
+        if at is not None:
             from shardqa.cli import fail
 
-            raise fail(f"the question is not valid Unicode text (a byte that is not UTF-8 at character {exc.start})") from None
+            raise fail(f"the question is not valid Unicode text (a byte that is not UTF-8 at character {at})")
         if url is None:
             from shardqa.config import get_settings
 

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 from pydantic import ValidationError
 
 from shardqa.config import Settings, get_settings, settings_error_line
-from shardqa.errors import ShardQAError
+from shardqa.errors import ShardQAError, one_line
 
 #: Logical CPUs the ingress replica reserves. It tokenises questions, routes
 #: and merges, all light work next to a model forward pass.
@@ -112,8 +112,7 @@ def load_shards_config(source: str | Path | Mapping[str, Any] | None) -> dict[st
             else:
                 data = json.loads(text)
         except Exception as exc:
-            detail = " ".join(str(exc).split())
-            raise ServiceConfigError(f"shards config {path} is not valid {path.suffix.lstrip('.').upper() or 'JSON'}: {detail}") from None
+            raise ServiceConfigError(f"shards config {path} is not valid {path.suffix.lstrip('.').upper() or 'JSON'}: {one_line(exc)}") from None
     if not isinstance(data, Mapping):
         raise ServiceConfigError('a shards config is a mapping with the keys "default" and/or "shards"')
     unknown = _unknown_keys(data, ("default", "shards"))

@@ -8,7 +8,7 @@ import sys
 
 import typer
 
-from shardqa.errors import ShardQAError
+from shardqa.errors import ShardQAError, one_line
 
 app = typer.Typer(
     name="shardqa",
@@ -86,9 +86,13 @@ def main() -> None:
     except ShardQAError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
-    except click.UsageError as exc:  # also NoArgsIsHelpError: `shardqa` alone
+    except click.UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError" and exc.ctx is not None:
+            # `shardqa` (or a group) alone: its help, as a user asking for it.
+            typer.echo(exc.ctx.get_help())
+            sys.exit(2)
         where = exc.ctx.command_path if exc.ctx is not None else "shardqa"
-        typer.echo(f"error: {_one_line(exc.format_message())} (see `{where} --help`)", err=True)
+        typer.echo(f"error: {one_line(exc.format_message(), 1000)} (see `{where} --help`)", err=True)
         sys.exit(2)
     except ValidationError as exc:
         if exc.title != "Settings":
@@ -106,7 +110,8 @@ def main() -> None:
         sys.exit(130)
     except Exception as exc:
         _unexpected(exc)
-    sys.exit(code if isinstance(code, int) else 0)
+    # A command's return value is not an exit code unless it is one.
+    sys.exit(code if isinstance(code, int) and not isinstance(code, bool) else 0)
 
 
 #: SHARDQA_* variables that are not settings: read by a test, a script or
@@ -116,21 +121,18 @@ NOT_SETTINGS = frozenset({"SHARDQA_DEBUG", "SHARDQA_CORPUS", "SHARDQA_HELM", "SH
 
 def _warn_unknown_settings() -> None:
     """pydantic-settings ignores a misspelled variable; say so instead."""
-    if not any(k.startswith("SHARDQA_") for k in os.environ):
+    if not any(k.upper().startswith("SHARDQA_") for k in os.environ):
         return
     import difflib
 
     from shardqa.config import Settings
 
+    # Matched without case, as pydantic-settings reads them.
     known = {f"SHARDQA_{name.upper()}" for name in Settings.model_fields}
-    for name in sorted(k for k in os.environ if k.startswith("SHARDQA_") and k not in known | NOT_SETTINGS):
-        close = difflib.get_close_matches(name, sorted(known), n=1)
+    for name in sorted(k for k in os.environ if k.upper().startswith("SHARDQA_") and k.upper() not in known | NOT_SETTINGS):
+        close = difflib.get_close_matches(name.upper(), sorted(known), n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
         typer.echo(f"warning: {name} is not a shardqa setting and is ignored{hint}; `shardqa config` lists them", err=True)
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
 
 
 def _unexpected(exc: BaseException) -> None:
@@ -138,7 +140,7 @@ def _unexpected(exc: BaseException) -> None:
     the traceback one variable away, so a user can report it."""
     if os.environ.get("SHARDQA_DEBUG"):
         raise exc
-    message = _one_line(str(exc))[:300]
+    message = one_line(exc)
     typer.echo(f"error: {type(exc).__name__}{': ' + message if message else ''} (unexpected; SHARDQA_DEBUG=1 shows the traceback)", err=True)
     sys.exit(1)
 

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def one_line(text: object, limit: int = 300) -> str:
+    """`text` as one line of at most `limit` characters: a third-party
+    message often spans several, and a CLI error or a log field is one."""
+    return " ".join(str(text).split())[:limit]
+
+
 class ShardQAError(Exception):
     """Base of every error caused by input or configuration rather than a bug."""
 

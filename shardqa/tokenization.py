@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shardqa.errors import InvalidText, ModelNotFound
+from shardqa.errors import InvalidText, ModelNotFound, one_line
 from shardqa.types import TokenizedText
 
 
@@ -38,16 +38,26 @@ class PairTemplate:
         return len(self.prefix) + len(self.middle) + len(self.suffix)
 
 
+def not_unicode_at(text: str) -> int | None:
+    """Where `text` stops being Unicode text, else None: a lone surrogate, as
+    JSON's \\ud800 escapes or bytes of a command line that were not UTF-8 give.
+    The tokenizer cannot read such a string."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
+
+
 def _text(text: str) -> str:
     """`text`, if the tokenizer can read it: a string of Unicode text."""
     if not isinstance(text, str):
         raise InvalidText(f"expected text, got {type(text).__name__}")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        snippet = text[max(0, exc.start - 20):exc.start].encode("utf-8", "replace").decode()
+    at = not_unicode_at(text)
+    if at is not None:
+        snippet = text[max(0, at - 20):at].encode("utf-8", "replace").decode()
         raise InvalidText(f"the text is not valid Unicode (a byte that is not UTF-8, or a lone surrogate, at character "
-                          f"{exc.start}, after {snippet!r})") from None
+                          f"{at}, after {snippet!r})")
     return text
 
 
@@ -87,8 +97,7 @@ class TextTokenizer:
         except (OSError, ValueError) as exc:
             # transformers' messages run over several lines (and one breaks
             # off after its first): all of it, on one line.
-            detail = " ".join(str(exc).split())[:300]
-            raise ModelNotFound(f"cannot load a tokenizer from {model!s}: {detail}") from None
+            raise ModelNotFound(f"cannot load a tokenizer from {model!s}: {one_line(exc)}") from None
         return cls(hf)
 
     def tokenize(self, text: str) -> TokenizedText:

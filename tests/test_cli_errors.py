@@ -190,6 +190,13 @@ def test_bench_report_refuses_results_without_a_run(tmp_path):
     (tmp_path / "bench.json").write_text("{bad")
     assert "not a results file" in one_line(shardqa("bench-report", "--out", str(tmp_path), "--markdown", str(report)))
     assert not report.exists()
+    # Reader figures alone still make a report (its end-to-end part says "not run").
+    (tmp_path / "bench.json").unlink()
+    reader = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "reader.json"
+    (tmp_path / "reader.json").write_text(reader.read_text())
+    proc = shardqa("bench-report", "--out", str(tmp_path), "--markdown", str(report))
+    assert proc.returncode == 0, proc.stderr
+    assert report.exists()
 
 
 def test_settings_refuse_nan_absurd_thread_counts_and_an_empty_cache_dir():
@@ -237,10 +244,11 @@ def test_an_unreachable_or_unreadable_kubeconfig_is_one_line(tmp_path):
     assert "cannot read the kubeconfig" in one_line(shardqa("cluster", "status", env={"KUBECONFIG": str(broken)}))
 
 
-def test_index_refuses_more_shards_than_document_groups(tmp_path):
+def test_index_warns_when_shards_outnumber_document_groups(tmp_path):
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("\n".join(json.dumps({"id": f"d{i}", "text": f"Document {i} is about river{i}."}) for i in range(2)))
-    line = one_line(shardqa("index", str(corpus), "--store", str(tmp_path / "idx"), "--shards", "5",
-                            "--model", str(TINY), "--encoder", "none", "--quiet"))
-    assert "--shards 5 is more than the corpus's 2 document group(s)" in line and "use --shards 2 or fewer" in line
-    assert not (tmp_path / "idx" / "CURRENT").exists()
+    proc = shardqa("index", str(corpus), "--store", str(tmp_path / "idx"), "--shards", "5",
+                   "--model", str(TINY), "--encoder", "none", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: 3 of 5 shards hold no passage (shards 2, 3, 4)" in " ".join(proc.stderr.split())
+    assert (tmp_path / "idx" / "CURRENT").exists()

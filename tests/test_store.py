@@ -218,3 +218,13 @@ def test_a_redis_that_wants_a_password_says_so():
             assert "wrong" not in str(info.value)  # the password stays redacted
         with pytest.raises(IndexNotFound):
             open_store(f"redis://:s3cret@127.0.0.1:{port}").current_version()
+
+
+@pytest.mark.redis
+def test_a_damaged_redis_index_is_named_as_such(corpus, tokenizer):
+    with RedisServer() as server:
+        version = build_index(corpus, server.url, 2, TINY, tokenizer=tokenizer).version
+        store = open_store(server.url)
+        store.r.set(store._vk(version, "manifest"), "{bad")
+        with pytest.raises(StoreError, match="is damaged or incomplete .*JSONDecodeError"):
+            store.manifest()
