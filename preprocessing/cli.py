@@ -39,7 +39,9 @@ def register(app: typer.Typer) -> None:
             max_tokens=passage_max_tokens, on_error=on_error, keep=keep, progress=not quiet, segmenter=segmenter,
             encoder="auto" if encoder is None else encoder,
         )
-        err = Console(stderr=True)
+        # soft_wrap: a skipped record or a warning is one line whatever the
+        # width (grep-able in a log; Rich would cut it at 80 columns there).
+        err = Console(stderr=True, soft_wrap=True)
         for problem in result.problems:
             err.print(f"[yellow]skipped:[/] {problem}", highlight=False, markup=True)
         m = result.manifest
