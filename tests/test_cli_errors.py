@@ -253,3 +253,11 @@ def test_index_warns_when_shards_outnumber_document_groups(tmp_path):
     warning = [l for l in proc.stderr.splitlines() if l.startswith("warning: ")]
     assert len(warning) == 1 and "3 of 5 shards hold no passage (shards 2, 3, 4)" in warning[0]  # one line
     assert (tmp_path / "idx" / "CURRENT").exists()
+
+
+def test_shardqa_alone_prints_its_help():
+    proc = shardqa()
+    assert proc.returncode == 2 and "error:" not in proc.stderr
+    assert proc.stdout.startswith("Usage:") and "Commands:" in proc.stdout and len(proc.stdout.splitlines()) > 10
+    group = shardqa("cluster")
+    assert "Usage:" in group.stdout and "status" in group.stdout and "error:" not in group.stderr
