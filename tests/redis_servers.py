@@ -93,7 +93,12 @@ class RedisServer:
             "--dir", self.dir, "--protected-mode", "no", *self.extra,
         ]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_ping(self.port, self.proc)
+        try:
+            _wait_ping(self.port, self.proc)
+        except BaseException:
+            # A server that never answered is still a process: stop it.
+            self.stop()
+            raise
         return self
 
     def cli(self, *args: str, timeout: float = 20.0) -> str:
