@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from shardqa.errors import CorpusError
+from shardqa.errors import SHAPE_ERRORS, CorpusError, not_squad_shape
 
 OnError = Literal["skip", "stop"]
 TEXT_SUFFIXES = (".txt", ".md")
@@ -224,9 +224,8 @@ def read_squad_questions(path: str | Path) -> list[SquadQuestion]:
                         raise TypeError("a question must be a string")
                     if spans and qa.get("question", "").strip():
                         out.append(SquadQuestion(str(qa.get("id", "")), doc_id, qa["question"], spans))
-        except (AttributeError, KeyError, TypeError, ValueError) as exc:
-            detail = f"missing {exc}" if isinstance(exc, KeyError) else str(exc).splitlines()[0]
-            raise CorpusError(f"{where}: not in SQuAD v1.1 shape ({detail})") from None
+        except SHAPE_ERRORS as exc:
+            raise CorpusError(not_squad_shape(where, exc)) from None
     if not out:
         raise CorpusError(f"{path}: no answerable questions")
     return out

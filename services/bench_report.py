@@ -21,6 +21,7 @@ RESULT_FILES = {"bench": "bench.json", "reader": "reader.json", "route": "route.
 def load_results(results_dir: Path) -> dict[str, Any]:
     """Every results file of a run; a broken or empty one is refused before
     any report is overwritten from it."""
+    from shardqa.errors import one_line
     from shardqa.services.bench import BenchError
 
     out: dict[str, Any] = {}
@@ -30,7 +31,7 @@ def load_results(results_dir: Path) -> dict[str, Any]:
             try:
                 out[key] = json.loads(path.read_text(encoding="utf-8"))
             except (UnicodeDecodeError, ValueError) as exc:
-                raise BenchError(f"{path}: not a results file ({str(exc).splitlines()[0]})") from None
+                raise BenchError(f"{path}: not a results file ({one_line(exc, 200)})") from None
     if "bench" in out and not (isinstance(out["bench"], dict) and out["bench"].get("levels")):
         raise BenchError(f"{results_dir / RESULT_FILES['bench']}: holds no load levels; run `shardqa bench-all` first")
     return out

