@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from shardqa.errors import ModelNotFound
-from shardqa.onnx_export import RECIPE, cached_export, export, load_for_export
+from shardqa.onnx_export import RECIPE, cached_export, export, load_for_export, open_session
 
 
 #: Bumped whenever the export recipe changes, so stale cache entries are not reused.
@@ -140,8 +140,6 @@ class DenseEncoder:
 
     def __init__(self, model_dir: str | os.PathLike, *, int8: bool = True, threads: int = 1,
                  cache_dir: str | os.PathLike | None = None, encoder_id: str | None = None):
-        import onnxruntime as ort
-
         from shardqa.tokenization import TextTokenizer
 
         self.model_dir = Path(model_dir)
@@ -154,14 +152,8 @@ class DenseEncoder:
         self.threads = int(threads)
         self.weights = weights_hash(self.model_dir)
         self.path = export_encoder(self.model_dir, Path(cache_dir), int8=self.int8)
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if self.threads:
-            opts.intra_op_num_threads = self.threads
-            opts.inter_op_num_threads = 1
         # no busy-waiting worker threads: the router shares its cores with the readers
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=["CPUExecutionProvider"])
+        self.session = open_session(self.path, threads=self.threads, providers=["CPUExecutionProvider"])
         self.dim = int(self.session.get_outputs()[0].shape[-1])
         t = self.tokenizer.template
         # a single text: what precedes the first sequence and what follows the last (BERT: [CLS] x [SEP])

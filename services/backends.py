@@ -16,7 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from shardqa.errors import BackendUnavailable
-from shardqa.onnx_export import RECIPE, cached_export, export, load_for_export
+from shardqa.onnx_export import RECIPE, cached_export, export, load_for_export, open_session
 
 log = logging.getLogger(__name__)
 
@@ -131,14 +131,8 @@ class OnnxBackend:
 
         self.name = "onnx-int8" if int8 else "onnx"
         path = export_onnx(model_dir, cache_dir, int8=int8)
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
         self.providers = select_providers(providers or [], ort.get_available_providers(), device)
-        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=self.providers)
+        self.session = open_session(path, threads=threads, providers=self.providers, spin_wait=spin_wait)
         self.input_names = tuple(i.name for i in self.session.get_inputs())
 
     def run(self, input_ids, token_type_ids, attention_mask):

@@ -77,6 +77,39 @@ def test_int8_graph_has_fused_attention_and_quantised_matmuls(tmp_path):
     assert any(op in ("MatMulInteger", "DynamicQuantizeMatMul") for op in ops)
 
 
+def test_cpu_sessions_keep_residual_adds_out_of_skip_layer_norm(tmp_path, monkeypatch):
+    """ONNX Runtime's CPU SkipLayerNormalization is several times slower than
+    Add + LayerNormalization: neither the INT8 file nor a CPU session's own
+    optimizer may fuse them, while a GPU session keeps the fusion."""
+    import onnx
+
+    from shardqa import onnx_export
+
+    path = export_onnx(TINY, tmp_path, int8=True)
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert "SkipLayerNormalization" not in ops and "LayerNormalization" in ops
+
+    seen = {}
+
+    class FakeSession:
+        def __init__(self, path, sess_options, providers, disabled_optimizers):
+            seen[providers[0]] = disabled_optimizers
+
+    import onnxruntime as ort
+
+    with monkeypatch.context() as m:
+        m.setattr(ort, "InferenceSession", FakeSession)
+        onnx_export.open_session(path, threads=1, providers=[CPU])
+        onnx_export.open_session(path, threads=1, providers=[CUDA, CPU])
+    assert seen == {CPU: ["SkipLayerNormFusion"], CUDA: []}
+
+    # and the real CPU session, as optimised, still has no SkipLayerNormalization
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "as-run.onnx")
+    ort.InferenceSession(str(path), sess_options=opts, providers=[CPU], disabled_optimizers=onnx_export.CPU_DISABLED_FUSIONS)
+    assert "SkipLayerNormalization" not in [n.op_type for n in onnx.load(str(tmp_path / "as-run.onnx")).graph.node]
+
+
 @pytest.mark.parametrize("spin", [False, True])
 def test_onnx_spin_wait_follows_the_setting(tmp_path, spin):
     from shardqa.services.reader import Reader
