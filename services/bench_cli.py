@@ -125,10 +125,18 @@ def command_line() -> str:
     """This command as typed, with paths shown relative to the repository or home."""
     argv, skip = [], False
     for a in sys.argv[1:]:  # the setup commands are listed on their own
-        if skip:
+        if skip == "pid":
+            skip = False
+            argv.append("PID")  # the service's process id means nothing to a reader
+        elif skip:
             skip = False
         elif a == "--setup-command":
             skip = True
+        elif a == "--profile-pid":
+            skip = "pid"
+            argv.append(a)
+        elif a.startswith("--profile-pid="):
+            argv.append("--profile-pid=PID")
         elif not a.startswith("--setup-command="):
             argv.append(a)
     name = Path(sys.argv[0]).name if sys.argv else "shardqa"
@@ -482,8 +490,9 @@ def register(app: typer.Typer) -> None:
                 if rec.returncode != 0 or not raw_path.exists():
                     raise RuntimeError((rec_out or "").strip().splitlines()[-1] if rec_out else f"py-spy exit {rec.returncode}")
                 ok = [s for s in samples if s.ok]
+                raw_path.write_text(P.sanitize_collapsed(raw_path.read_text(errors="replace")), encoding="utf-8")
                 profile.update({"requests": len(samples), "p50_ms": B.latency_stats([s.latency_s for s in ok])["p50_ms"],
-                                "summary": P.summarize(P.parse_collapsed(raw_path.read_text(errors="replace")))})
+                                "summary": P.summarize(P.parse_collapsed(raw_path.read_text(encoding="utf-8")))})
             except Exception as exc:  # a failed profile is reported, never fatal
                 profile["error"] = f"{type(exc).__name__}: {exc}"
             (out / "profile.json").write_text(json.dumps(profile, indent=2) + "\n", encoding="utf-8")

@@ -82,13 +82,43 @@ def _is_process(frame: str) -> bool:
     return frame.startswith("process ")
 
 
+def _short_command(cmdline: str) -> str:
+    """A process's command line without machine details (paths, addresses,
+    session folders): its executable or script by name, then its first few
+    arguments that are not options."""
+    words, module = [], False
+    for tok in cmdline.split():
+        if tok == "-m" and len(words) == 1:
+            module = True  # python -m package.module names the program
+        elif tok.startswith("-"):
+            break  # options carry socket paths, node IPs and session names
+        elif module:
+            words.append(f"-m {tok}")
+            module = False
+        else:
+            words.append(Path(tok).name if "/" in tok else tok)
+    cmd = " ".join(words)
+    return f"{cmd[:70]}{'…' if len(cmd) > 70 else ''}"
+
+
 def _process_label(frame: str) -> str:
     m = re.match(r'process (\d+):"(.*)"$', frame, re.S)
     if not m:
         return frame
-    # Executables and scripts by name only: no machine paths in the report.
-    cmd = " ".join(Path(tok).name if "/" in tok else tok for tok in m.group(2).split())
-    return f"{m.group(1)}: {cmd[:70]}{'…' if len(cmd) > 70 else ''}"
+    return f"{m.group(1)}: {_short_command(m.group(2))}"
+
+
+def sanitize_collapsed(text: str) -> str:
+    """py-spy's raw output with each process frame's command line shortened
+    (``_short_command``): the saved profile is published with the results."""
+    lines = []
+    for stack, n in parse_collapsed(text):
+        frames = []
+        for f in stack:
+            m = re.match(r'process (\d+):"(.*)"$', f, re.S)
+            frames.append(f'process {m.group(1)}:"{_short_command(m.group(2))}"' if m else f)
+        lines.append(f"{';'.join(frames)} {n}")
+    return "\n".join(lines) + ("\n" if lines else "")
 
 
 def _strip(frame: str) -> str:

@@ -46,6 +46,27 @@ def test_profile_summary_by_process_self_and_own_code():
     assert "| 60.0% | 60 | `run (session.py)` |" in table and "100 busy samples" in table
 
 
+def test_saved_profile_keeps_no_machine_details_from_command_lines():
+    """The raw profile is published with the results: process frames keep the
+    program's name, never its paths, addresses or session folders."""
+    raw = ('process 7:"/srv/venv/bin/python -m shardqa.cli serve --store /srv/idx";'
+           'process 8:"/srv/venv/lib/ray/raylet --node_ip_address=10.1.2.3 --session_dir=/tmp/ray/s_1";'
+           "run (/srv/venv/site-packages/onnxruntime/session.py:200) 9\n" + RAW)
+    clean = P.sanitize_collapsed(raw)
+    assert clean.splitlines()[0] == 'process 7:"python -m shardqa.cli serve";process 8:"raylet";run (/srv/venv/site-packages/onnxruntime/session.py:200) 9'
+    assert "10.1.2.3" not in clean and "/tmp/ray" not in clean and "--store" not in clean
+    assert P.summarize(P.parse_collapsed(clean))["self"] == P.summarize(P.parse_collapsed(raw))["self"]
+
+
+def test_command_line_shows_no_process_id(monkeypatch):
+    from shardqa.services.bench_cli import command_line
+
+    monkeypatch.setattr(sys, "argv", ["shardqa", "bench-all", "--profile-pid", "12345", "--limit", "5"])
+    assert command_line() == "shardqa bench-all --profile-pid PID --limit 5"
+    monkeypatch.setattr(sys, "argv", ["shardqa", "bench-all", "--profile-pid=12345"])
+    assert command_line() == "shardqa bench-all --profile-pid=PID"
+
+
 def _results_dir(tmp_path, with_profile=True):
     from shardqa.services import bench as B
 
