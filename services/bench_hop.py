@@ -17,6 +17,8 @@ import asyncio
 import time
 from typing import Any
 
+from shardqa.services.shard_worker import answers_or_raise
+
 #: A question of typical length; the read's cost is set by the passage.
 PROBE_QUESTION = "Which year did the university open its first campus outside the city?"
 PROBE_APP = "shardqa-hop-probe"
@@ -106,7 +108,7 @@ async def _measure(settings, app_name: str, shard: int, calls: int, warmup: int)
         t0 = time.perf_counter()
         remote = await handle.answer.remote(query)
         t1 = time.perf_counter()
-        local = worker.answer_batch([query])[0]
+        local = answers_or_raise(worker.answer_batch([query])[0])
         t2 = time.perf_counter()
         if i >= warmup:
             via.append(t1 - t0)

@@ -16,7 +16,7 @@ from ray import serve
 
 from shardqa.errors import IndexNotFound
 from shardqa.services.service_config import ServiceConfig
-from shardqa.services.shard_worker import ShardQuery, ShardStatus, ShardWorker
+from shardqa.services.shard_worker import ShardQuery, ShardStatus, ShardWorker, answers_or_raise
 from shardqa.types import Answer
 
 log = logging.getLogger("ray.serve")
@@ -71,10 +71,15 @@ class ShardDeployment:
                 log.warning("shard %d: index refresh failed: %s", self.shard, exc)
 
     async def answer(self, query: ShardQuery) -> list[Answer]:
-        return await self.answer_batch(query)
+        if not self.worker.holds(query.index_version):
+            # On the loader thread, before batching: a version this replica
+            # has not loaded yet (or has dropped) holds up only this request.
+            await self._load(self.worker.passages, query.index_version)
+        return answers_or_raise(await self.answer_batch(query))
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def answer_batch(self, queries: list[ShardQuery]) -> list[list[Answer]]:
+    # Its size and wait are set from the settings in __init__.
+    @serve.batch
+    async def answer_batch(self, queries: list[ShardQuery]) -> list[list[Answer] | Exception]:
         t0 = time.perf_counter()
         results = await self._run(self.worker.answer_batch, queries)
         self._metrics.record_shard_inference(self.shard, time.perf_counter() - t0, len(queries))

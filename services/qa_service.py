@@ -36,6 +36,14 @@ from shardqa.types import Answer
 log = logging.getLogger(__name__)
 
 #: The settings that decide which passages are read and how answers are ranked.
+#: How long every shard may take to load a new index version before the
+#: switch is abandoned (and tried again later): a hung store read must not
+#: hold the switch, and with it every later version, forever.
+PREPARE_TIMEOUT_S = 600.0
+#: The longest wait between attempts at a version that failed to load.
+RETRY_BACKOFF_MAX_S = 300.0
+_clock = time.monotonic  # the retry waits' clock (tests move it)
+
 READING_SETTINGS = ("route_k", "route_min_relative_score", "read_first_stop_logit", "merge_route_weight", "route_dense_skip_gap")
 
 
@@ -107,6 +115,12 @@ class QAService:
         #: A version found unservable (other shard count or tokenizer) and why;
         #: not retried until the store's current version changes.
         self._refused: tuple[str, str] | None = None
+        #: A version whose load failed otherwise: (version, failures, next
+        #: attempt on the monotonic clock, problem). Tried again with a
+        #: doubling wait, as the failure may pass (a store briefly
+        #: unreachable) or not (vectors from another encoder), and each
+        #: attempt loads the router on the cores that answer requests.
+        self._failed: tuple[str, int, float, str] | None = None
         # Tokenising and routing (BM25, PageRank, the dense encoder: ms of
         # CPU) run here, not on the event loop, which keeps serving cache
         # hits, /readyz and /metrics meanwhile.
@@ -120,7 +134,8 @@ class QAService:
 
         tokenizer = TextTokenizer.from_pretrained(settings.model)
         checker = QuestionChecker.for_settings(settings, tokenizer)
-        cache = AnswerCache.from_url(settings.cache_url, settings.cache_ttl_s, settings.cache_timeout_s)
+        cache = AnswerCache.from_url(settings.cache_url, settings.cache_ttl_s, settings.cache_timeout_s,
+                                     peer_wait_s=settings.answer_timeout_s)
         return cls(settings, open_store(settings.store), shards, checker, cache, answer_fingerprint(settings))
 
     # --- index versions -----------------------------------------------------------
@@ -178,28 +193,47 @@ class QAService:
                 return False
             if self._refused is not None and self._refused[0] == version:
                 raise ServiceUnavailable(self._refused[1])
+            failed = self._failed if self._failed is not None and self._failed[0] == version else None
+            if failed is not None and _clock() < failed[2]:
+                raise ServiceUnavailable(failed[3])
             try:
-                view = await asyncio.to_thread(self._build_view, version)
+                return await self._switch(version)
             except TokenizerMismatch as exc:
                 self._refused = (version, str(exc))
                 raise
-            shards = view.manifest.shards
-            if shards != self.shards.num_shards:
-                problem = (
-                    f"index version {version} has {shards} shards but the service was deployed with "
-                    f"{self.shards.num_shards}; redeploy to serve it"
-                )
-                self._refused = (version, problem)
-                raise ServiceUnavailable(problem)
-            # Every shard holds the new version before any request uses it.
-            statuses = await asyncio.gather(*(self.shards.prepare(s, version) for s in range(shards)))
-            self.model_id = statuses[0].model_id
-            view = replace(view, scope=self._scope(view))
-            old, self.view = self.view, view
-            self.view_problem = ""
-            metrics.set_index_info(version, self.model_id, shards)
-            log.info("serving index version %s (was %s)", version, old.version if old else "none")
-            return True
+            except Exception as exc:
+                if self._refused is not None and self._refused[0] == version:
+                    raise
+                failures = failed[1] + 1 if failed is not None else 1
+                wait = min(self.settings.index_refresh_s * 2 ** failures, RETRY_BACKOFF_MAX_S)
+                self._failed = (version, failures, _clock() + wait, str(exc))
+                raise
+
+    async def _switch(self, version: str) -> bool:
+        view = await asyncio.to_thread(self._build_view, version)
+        shards = view.manifest.shards
+        if shards != self.shards.num_shards:
+            problem = (
+                f"index version {version} has {shards} shards but the service was deployed with "
+                f"{self.shards.num_shards}; redeploy to serve it"
+            )
+            self._refused = (version, problem)
+            raise ServiceUnavailable(problem)
+        # Every shard holds the new version before any request uses it.
+        try:
+            statuses = await asyncio.wait_for(
+                asyncio.gather(*(self.shards.prepare(s, version) for s in range(shards))), PREPARE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise ServiceUnavailable(f"the shards did not load index version {version} within "
+                                     f"{PREPARE_TIMEOUT_S:.0f} s; trying again later") from None
+        self.model_id = statuses[0].model_id
+        view = replace(view, scope=self._scope(view))
+        old, self.view = self.view, view
+        self.view_problem = ""
+        metrics.set_index_info(version, self.model_id, shards)
+        self._failed = None
+        log.info("serving index version %s (was %s)", version, old.version if old else "none")
+        return True
 
     def _build_view(self, version: str) -> IndexView:
         from shardqa.router import Router

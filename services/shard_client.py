@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol, Sequence
 
 from shardqa.errors import ServiceUnavailable, ShardQAError
-from shardqa.services.shard_worker import ShardQuery, ShardStatus, ShardWorker
+from shardqa.services.shard_worker import ShardQuery, ShardStatus, ShardWorker, answers_or_raise
 from shardqa.types import Answer
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,10 @@ class LocalShards:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def answer(self, shard: int, query: ShardQuery) -> list[Answer]:
-        return (await self._run(self.workers[shard].answer_batch, [query]))[0]
+        worker = self.workers[shard]
+        if not worker.holds(query.index_version):
+            await self._run(worker.passages, query.index_version)
+        return answers_or_raise((await self._run(worker.answer_batch, [query]))[0])
 
     async def prepare(self, shard: int, version: str) -> ShardStatus:
         worker = self.workers[shard]

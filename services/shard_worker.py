@@ -15,7 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
 
-from shardqa.errors import IndexNotFound, StoreError
+from shardqa.errors import IndexNotFound, ShardQAError, StoreError
 from shardqa.types import Answer, Passage, TokenizedText
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,10 @@ class ShardWorker:
         self.passages(version)
         return version
 
+    def holds(self, version: str) -> bool:
+        """Whether `version` is in memory (answering it needs no load)."""
+        return version in self._versions
+
     def status(self) -> ShardStatus:
         with self._state_lock:
             versions = tuple(self._versions)
@@ -110,26 +114,43 @@ class ShardWorker:
 
     # --- answering ---------------------------------------------------------------
 
-    def answer_batch(self, queries: Sequence[ShardQuery]) -> list[list[Answer]]:
+    def answer_batch(self, queries: Sequence[ShardQuery]) -> list[list[Answer] | ShardQAError]:
         """Batched reader calls for many questions: each query gets the best
         ``top_k`` answers of every passage it reads, passage by passage, so
         the ingress can rank them with the router's scores.
+
+        A query this shard cannot answer (a passage or version it does not
+        hold) gets its error in its place, so it cannot fail the others it
+        was batched with; ``answers_or_raise`` turns it back into a raise.
 
         A query with ``stop_logit`` reads its first passage in the first
         forward pass and its other passages in a second one, only if that
         first passage was not confident; the second pass batches every such
         query of the batch."""
-        wanted = [self._passages_of(q) for q in queries]
-        held_back = [q.stop_logit is not None and len(ps) > 1 for q, ps in zip(queries, wanted)]
-        out = self._read([(q, ps[:1] if later else ps) for q, ps, later in zip(queries, wanted, held_back)])
-        second = [i for i, later in enumerate(held_back) if later and not queries[i].first_is_confident(out[i])]
+        out: list[list[Answer] | ShardQAError] = [[] for _ in queries]
+        wanted: dict[int, list[Passage]] = {}
+        for i, q in enumerate(queries):
+            try:
+                wanted[i] = self._passages_of(q)
+            except ShardQAError as exc:
+                out[i] = exc
+        held_back = {i: queries[i].stop_logit is not None and len(ps) > 1 for i, ps in wanted.items()}
+        first = self._read([(queries[i], ps[:1] if held_back[i] else ps) for i, ps in wanted.items()])
+        for i, answers in zip(wanted, first):
+            out[i] = answers
+        second = [i for i in wanted if held_back[i] and not queries[i].first_is_confident(out[i])]
         if second:
             for i, answers in zip(second, self._read([(queries[i], wanted[i][1:]) for i in second])):
                 out[i].extend(answers)
         return out
 
     def _passages_of(self, query: ShardQuery) -> list[Passage]:
-        by_id = self.passages(query.index_version)
+        # Versions are loaded before a query reaches the model thread
+        # (``passages``, on the replica's loader thread): a load here would
+        # stall every query batched with this one.
+        by_id = self._versions.get(query.index_version)
+        if by_id is None:
+            raise IndexNotFound(f"shard {self.shard} does not hold index version {query.index_version}")
         try:
             return [by_id[pid] for pid in query.passage_ids]
         except KeyError as exc:
@@ -148,3 +169,10 @@ class ShardWorker:
         for i, answers in zip(owners, self.reader.answer_batch(requests)):
             out[i].extend(answers)
         return out
+
+
+def answers_or_raise(result: list[Answer] | ShardQAError) -> list[Answer]:
+    """One query's entry of ``ShardWorker.answer_batch``: its answers, or its error raised."""
+    if isinstance(result, ShardQAError):
+        raise result
+    return result

@@ -347,3 +347,92 @@ def test_a_shard_batches_the_second_round_of_every_unsure_query(shared_index):
     assert {a.passage_id for a in out[2]} == set(ids[:2])
     assert sure.first_is_confident(out[0]) and not unsure.first_is_confident(out[1])
     assert not plain.first_is_confident(out[2])  # no rule, nothing to stop
+
+
+def test_a_query_a_shard_cannot_answer_fails_alone(shared_index):
+    """A passage or index version a replica does not hold fails that query
+    only: the others of its batch are answered, and the model thread never
+    loads a version (the replica loads it before batching)."""
+    import pytest
+
+    from shardqa.errors import IndexNotFound
+    from shardqa.services.shard_worker import ShardQuery, answers_or_raise
+
+    base, reader, store = shared_index
+    worker = ShardWorker(0, reader, store)
+    version = store.current_version()
+    ids = tuple(sorted(worker.passages(version)))[:1]
+    question = reader.check_question(QUESTIONS[0])
+    good = ShardQuery(version, question, ids, 1)
+    unknown_passage = ShardQuery(version, question, ("no-such-passage",), 1)
+    unknown_version = ShardQuery("v-not-loaded", question, ids, 1)
+    out = worker.answer_batch([unknown_passage, good, unknown_version])
+    assert {a.passage_id for a in answers_or_raise(out[1])} == set(ids)
+    with pytest.raises(IndexNotFound, match="no passage 'no-such-passage'"):
+        answers_or_raise(out[0])
+    with pytest.raises(IndexNotFound, match="does not hold index version v-not-loaded"):
+        answers_or_raise(out[2])
+    assert not worker.holds("v-not-loaded")
+
+
+def test_a_version_that_fails_to_load_is_retried_with_a_growing_wait(tmp_path, monkeypatch):
+    """Each attempt loads the router on the cores that answer requests, so a
+    version that fails is not rebuilt every tick; it is tried again later
+    (the failure may pass), and a shard load that hangs is given up on."""
+    import asyncio
+
+    from shardqa.errors import ServiceUnavailable, StoreError
+    from shardqa.preprocessing.build import build_index
+    from shardqa.preprocessing.store import open_store
+    from shardqa.services import qa_service as Q
+    from shardqa.services.reader import Reader
+
+    store_dir = tmp_path / "index"
+    build_index(SAMPLE, str(store_dir), 2, str(TINY))
+    settings = settings_with({"model": str(TINY), "store": str(store_dir), "backend": "torch", "index_refresh_s": 1.0})
+    store = open_store(str(store_dir))
+    reader = Reader.load(settings=settings, threads=1)
+    service = QAService.create(settings, LocalShards([ShardWorker(s, reader, store) for s in range(2)]))
+    builds = []
+
+    def broken(version):
+        builds.append(version)
+        raise StoreError("the store was briefly unreachable")
+
+    now = [1000.0]
+    monkeypatch.setattr(Q, "_clock", lambda: now[0])
+    real_build = service._build_view
+    monkeypatch.setattr(service, "_build_view", broken)
+
+    async def attempts():
+        for _ in range(3):  # ticks: one attempt, then waits
+            with pytest.raises(StoreError if not builds else (StoreError, ServiceUnavailable), match="briefly unreachable"):
+                await service.refresh()
+        assert len(builds) == 1
+        now[0] += 2.5  # past the first wait (2 x index_refresh_s)
+        with pytest.raises(StoreError):
+            await service.refresh()
+        assert len(builds) == 2
+        now[0] += 2.5  # the second wait is 4 s
+        with pytest.raises(ServiceUnavailable):
+            await service.refresh()
+        assert len(builds) == 2
+        # the store recovers: the next attempt after the wait switches
+        monkeypatch.setattr(service, "_build_view", real_build)
+        now[0] += 2.0
+        assert await service.refresh() is True and service._failed is None
+
+        # a shard load that hangs is given up on, and the current view kept
+        serving = service.view.version
+        new_version = build_index(SAMPLE, str(store_dir), 2, str(TINY)).version
+
+        async def hang(shard, version):
+            await asyncio.sleep(3600)
+
+        monkeypatch.setattr(service.shards, "prepare", hang)
+        monkeypatch.setattr(Q, "PREPARE_TIMEOUT_S", 0.2)
+        with pytest.raises(ServiceUnavailable, match=f"did not load index version {new_version} within"):
+            await service.refresh()
+        assert service.view.version == serving
+
+    asyncio.run(attempts())

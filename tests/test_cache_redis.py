@@ -154,6 +154,39 @@ def test_a_peer_that_fails_releases_its_waiters_at_once(redis_server):
     assert waited < 2.0  # the lock's TTL is 5 s
 
 
+def test_an_answer_slower_than_the_lock_ttl_is_still_computed_once(redis_server):
+    """The holder renews its short lock while it computes: a peer keeps
+    waiting for an answer that takes several lock TTLs, instead of computing
+    it a second time once the first TTL ran out."""
+    a = AnswerCache(RedisBackend(redis_server.url, 5.0), ttl_s=60, timeout_s=5.0, lock_ttl_ms=300, peer_wait_s=10)
+    b = AnswerCache(RedisBackend(redis_server.url, 5.0), ttl_s=60, timeout_s=5.0, lock_ttl_ms=300, peer_wait_s=10)
+    calls = []
+    computing = asyncio.Event()
+
+    async def slow():
+        calls.append("a")
+        computing.set()
+        await asyncio.sleep(1.2)  # four lock TTLs
+        return b"[slow]"
+
+    async def again():
+        calls.append("b")
+        return b"[again]"
+
+    async def scenario():
+        first = asyncio.ensure_future(a.get_or_compute("slow-q", slow))
+        await computing.wait()
+        second = await b.get_or_compute("slow-q", again)
+        result = await first
+        await a.close()
+        await b.close()
+        return result, second
+
+    result, second = asyncio.run(scenario())
+    assert calls == ["a"]
+    assert result.value == second.value == b"[slow]" and second.shared
+
+
 def test_only_the_owner_releases_a_lock(redis_server):
     backend = RedisBackend(redis_server.url, 5.0)
 

@@ -328,3 +328,19 @@ def test_an_encoder_switched_off_is_not_reported_as_missing(tmp_path, monkeypatc
     assert not router.uses_dense
     assert "the encoder is switched off (SHARDQA_ROUTE_ENCODER=none): routing lexically" in caplog.text
     assert "none is installed here" not in caplog.text
+
+
+def test_the_encoder_follows_the_settings_the_router_is_given(tmp_path):
+    """A service passes its own settings (Serve arguments may override the
+    environment): its route_encoder, threads and cache folder are the ones used."""
+    from shardqa.router import Router
+    from shardqa.services.service_config import settings_with
+
+    store = open_store(str(tmp_path / "index"))
+    build_index(SAMPLE, store, 2, TINY, encoder=str(TINY))
+    assert not Router.from_store(store, settings=settings_with({"route_encoder": "none"})).uses_dense
+    cache = tmp_path / "own-cache"
+    router = Router.from_store(store, settings=settings_with({"route_encoder": str(TINY), "route_encoder_threads": 2,
+                                                               "cache_dir": str(cache)}))
+    assert router.uses_dense and router.encoder.threads == 2
+    assert router.encoder.path.is_relative_to(cache)
