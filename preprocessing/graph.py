@@ -88,7 +88,11 @@ def pagerank(w: sp.csr_matrix, alpha: float = 0.85) -> np.ndarray:
     if n == 0:
         return np.zeros(0)
     g = nx.from_scipy_sparse_array(w, edge_attribute="weight")
-    pr = nx.pagerank(g, alpha=alpha, weight="weight", tol=1e-8)
+    # The error shrinks by at least `alpha` per iteration, so reaching
+    # N * tol takes up to log(tol / 2) / log(alpha) (about 120 at 0.85)
+    # iterations on a tiny graph: networkx's default of 100 gave up on a
+    # lone 3-sentence document.
+    pr = nx.pagerank(g, alpha=alpha, weight="weight", tol=1e-8, max_iter=1000)
     return np.fromiter((pr[i] for i in range(n)), dtype=np.float64, count=n)
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import time
-from urllib.parse import parse_qs, unquote, urlsplit
 
 from shardqa.errors import IndexNotFound, StoreError, one_line
 from shardqa.preprocessing.store import (
@@ -42,7 +41,7 @@ from shardqa.preprocessing.store import (
     bytes_to_array,
     pack_shard,
 )
-from shardqa.redis_url import redact_url
+from shardqa.redis_url import parse_redis_url, redact_url
 
 DEFAULT_PREFIX = "shardqa"
 #: Values larger than this are split into numbered parts (Redis' default
@@ -87,36 +86,18 @@ class RedisStore(IndexStore):
         # a node without cluster mode or uncovered slots.
         self._cluster_error = redis.exceptions.RedisClusterException
         self._response_error = redis.exceptions.RedisError
-        parts = urlsplit(url)
-        scheme = parts.scheme.lower()
-        query = parse_qs(parts.query)
-        self.prefix = (query.pop("prefix", [DEFAULT_PREFIX]) or [DEFAULT_PREFIX])[0]
-        self.cluster = scheme.endswith("+cluster")
-        common = dict(socket_timeout=socket_timeout, socket_connect_timeout=min(socket_timeout, 5.0))
         try:
+            target = parse_redis_url(url)
+            self.prefix = (target.query.get("prefix") or [DEFAULT_PREFIX])[0]
+            self.cluster = target.cluster
+            common = dict(socket_timeout=socket_timeout, socket_connect_timeout=min(socket_timeout, 5.0))
             if self.cluster:
                 from redis.cluster import ClusterNode, RedisCluster
 
-                nodes = []
-                for hostport in parts.netloc.rsplit("@", 1)[-1].split(","):
-                    host, _, port = hostport.rpartition(":")
-                    if not host:
-                        host, port = port, "6379"
-                    nodes.append(ClusterNode(host.strip("[]"), int(port)))
-                if not nodes:
-                    raise StoreError(f"{self.url}: a cluster URL needs host:port[,host:port]")
-                auth = {}
-                if parts.username:
-                    auth["username"] = unquote(parts.username)
-                if parts.password:
-                    auth["password"] = unquote(parts.password)
-                self._client = RedisCluster(
-                    startup_nodes=nodes, ssl=scheme.startswith("rediss"), **auth, **common,
-                )
+                nodes = [ClusterNode(host, port) for host, port in target.nodes]
+                self._client = RedisCluster(startup_nodes=nodes, ssl=target.ssl, **target.auth, **common)
             else:
-                rest = [f"{k}={v}" for k, vs in query.items() for v in vs]
-                plain = parts._replace(query="&".join(rest)).geturl()
-                self._client = redis.Redis.from_url(plain, **common)
+                self._client = redis.Redis.from_url(target.single_server_url(without=("prefix",)), **common)
         except StoreError:
             raise
         except self._redis_errors as exc:

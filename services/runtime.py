@@ -128,10 +128,14 @@ class StartupError(ShardQAError):
 def check_bind(host: str, port: int) -> None:
     """Fail at once when the service could not listen on host:port; Serve
     would find out only after Ray has started, with a long traceback."""
+    if not host.strip():
+        # getaddrinfo reads "" as "any address", but Serve and its clients
+        # would build the URL http://:PORT from it.
+        raise StartupError("cannot serve on an empty host; pass --host (e.g. 127.0.0.1 or 0.0.0.0)")
     # The address family as uvicorn picks it, so "::" is checked as IPv6.
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        infos = socket.getaddrinfo(host or None, port, family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+        infos = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
     except (socket.gaierror, UnicodeError):
         raise StartupError(f"cannot serve on {host}: not an IP address or a known host name; "
                            "pass --host (e.g. 127.0.0.1 or 0.0.0.0)") from None

@@ -80,7 +80,7 @@ class Settings(BaseSettings):
                     "this; inf reads every routed passage at once (as top_k > 1 always does)",
     )
     merge_route_weight: float = Field(
-        10.0, ge=0,
+        10.0, ge=0, allow_inf_nan=False,
         description="answers are ranked by span logit + this x the passage's route score (relative to the best passage)",
     )
     route_encoder: str = Field(
@@ -131,9 +131,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="larger request bodies get 413")
     max_batch_questions: int = Field(64, ge=1, description="questions per /v1/answer:batch call")
     max_top_k: int = Field(10, ge=1)
-    index_refresh_s: float = Field(2.0, gt=0, description="how often the service looks for a new index version")
+    index_refresh_s: float = Field(2.0, gt=0, allow_inf_nan=False, description="how often the service looks for a new index version")
     startup_index_wait_s: float = Field(
-        60.0, ge=0,
+        60.0, ge=0, allow_inf_nan=False,
         description="an ingress replica's start-up waits this long for its first index load, so one that joins "
         "under traffic does not refuse requests while it loads",
     )

@@ -1,6 +1,7 @@
 """Redis URLs, parsed once for the index store and the answer cache.
 
-`redis://` and `rediss://` name one server (redis-py parses those itself);
+`redis://`, `rediss://` and `unix://` name one server (redis-py parses those
+itself);
 `redis+cluster://[user:password@]host:port[,host:port]` and `rediss+cluster://`
 name a Redis Cluster by its seed nodes, a form redis-py has no parser for.
 """
@@ -8,7 +9,7 @@ name a Redis Cluster by its seed nodes, a form redis-py has no parser for.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 from shardqa.errors import StoreError
 
@@ -32,9 +33,13 @@ class RedisURL:
             out["password"] = self.password
         return out
 
-    @property
-    def redacted(self) -> str:
-        return redact_url(self.url)
+    def single_server_url(self, without: tuple[str, ...] = ()) -> str:
+        """The URL for redis-py's ``from_url``, less the query keys it would
+        not know (shardqa's own, such as ``prefix``)."""
+        parts = urlsplit(self.url)
+        query = urlencode([(k, v) for k, vs in self.query.items() if k not in without for v in vs])
+        # Rebuilt by hand: urlunsplit writes unix:///path as unix:/path.
+        return f"{parts.scheme}://{parts.netloc}{parts.path}" + (f"?{query}" if query else "")
 
 
 def redact_url(url: str) -> str:
@@ -48,8 +53,8 @@ def redact_url(url: str) -> str:
 def parse_redis_url(url: str) -> RedisURL:
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
-    if scheme not in ("redis", "rediss", "redis+cluster", "rediss+cluster"):
-        raise StoreError(f"not a Redis URL: {scheme}:// (use redis://, rediss:// or redis+cluster://)")
+    if scheme not in ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster"):
+        raise StoreError(f"not a Redis URL: {scheme}:// (use redis://, rediss://, unix:// or redis+cluster://)")
     cluster = scheme.endswith("+cluster")
     nodes = []
     if cluster:

@@ -206,6 +206,9 @@ def test_settings_refuse_nan_absurd_thread_counts_and_an_empty_cache_dir():
         ("SHARDQA_CACHE_DIR", "", "must name a folder"),
         ("SHARDQA_TARGET_P50_MS", "-5", "greater than 0"),
         ("SHARDQA_ANSWER_TIMEOUT_S", "inf", "finite number"),
+        ("SHARDQA_MERGE_ROUTE_WEIGHT", "inf", "finite number"),  # every score would be NaN
+        ("SHARDQA_INDEX_REFRESH_S", "inf", "finite number"),
+        ("SHARDQA_STARTUP_INDEX_WAIT_S", "inf", "finite number"),
     ):
         assert message in one_line(shardqa("config", env={var: value})), var
     # inf still means "always" where it is documented to.

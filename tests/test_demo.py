@@ -102,6 +102,8 @@ def test_check_bind_tells_the_reasons_apart(busy_port):
         check_bind("192.0.2.1", free_port())
     with pytest.raises(StartupError, match="not an IP address"):
         check_bind("999.1.1.1", free_port())
+    with pytest.raises(StartupError, match="empty host"):
+        check_bind(" ", free_port())
 
 
 @pytest.mark.parametrize("env, args", [({}, ["--ray-address", "127.0.0.1:{port}"]), ({"RAY_ADDRESS": "127.0.0.1:{port}"}, [])])

@@ -330,3 +330,17 @@ def test_an_encoder_switched_off_is_not_reported_as_missing(tmp_path, tokenizer,
     assert "encoder" not in result.manifest.params
     assert "the encoder is switched off (SHARDQA_ROUTE_ENCODER=none)" in caplog.text
     assert "no encoder installed" not in caplog.text and "pip install" not in caplog.text
+
+
+@pytest.mark.parametrize("sentences", [1, 2, 3])
+def test_a_corpus_of_one_short_document_indexes(tmp_path, tokenizer, sentences):
+    """PageRank on a lone chain of a few sentences converges slowly (networkx
+    gave up on three); a first try with a tiny file must not fail."""
+    import numpy as np
+
+    text = " ".join(["The river rises in the hills.", "It flows to the sea.", "Boats carry grain on it."][:sentences])
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "d1", "text": text}])
+    store = open_store(str(tmp_path / "idx"))
+    manifest = build_index(corpus, store, 1, TINY, tokenizer=tokenizer, encoder="none")
+    ranking = list(store.ranking(0, manifest.version))
+    assert ranking and np.isfinite([score for _, score in ranking]).all()
