@@ -25,8 +25,11 @@ def register(app: typer.Typer) -> None:
         from shardqa.config import get_settings
         from shardqa.preprocessing.store import open_store
         from shardqa.router import Router
+        from shardqa.services.questions import check_question_text
 
-        k = k or get_settings().route_k
+        settings = get_settings()
+        check_question_text(question, settings.max_question_chars)  # before the router loads (seconds)
+        k = k or settings.route_k
         st = open_store(store)
         router = Router.from_store(st, version)
         result, ms = router.timed_route(question, k)

@@ -128,7 +128,6 @@ class Router:
              np.ascontiguousarray(tables["g_indptr"])), shape=(n_s, n_s))
         # max over each passage's sentences with one reduceat: pairs (start, end) interleaved
         self._reduce_idx = self.p_sent.reshape(-1)
-        self._pad = 1  # reduceat needs indices < len: pad the sentence vector by one
         self.prior = _norm(np.asarray(prior, dtype=np.float32))
         self.shard_tags = shard_tags
         # dense: passage vectors [n_p, dim] (float32, L2-normalised) and the question encoder

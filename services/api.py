@@ -209,10 +209,9 @@ def create_api(service: QAService, settings: Settings) -> FastAPI:
 
     @app.exception_handler(ShardQAError)
     async def on_shardqa_error(request: Request, exc: ShardQAError):
-        # An error raised in a shard replica arrives wrapped by Ray, whose
-        # string form carries the remote traceback; report the cause only.
-        cause = getattr(exc, "cause", None) or exc
-        return error_response(exc.http_status, exc.code, str(cause))
+        # Errors from shard replicas arrive unwrapped (services/shard_client.py),
+        # so the message is the error's own, never Ray's remote traceback.
+        return error_response(exc.http_status, exc.code, str(exc))
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception):

@@ -29,7 +29,7 @@ class BatchAnswerRequest(BaseModel):
 
 class AnswerItem(BaseModel):
     text: str = Field(description="The answer, a substring of the document.")
-    score: float = Field(description="The reader's span probability (start x end), 0..1.")
+    score: float = Field(description="Softmax of the ranking key (span logit + merge_route_weight x route score) over the distinct candidates read, 0..1: it orders this response's answers; it is not a calibrated probability that the answer is right.")
     doc_id: str
     passage_id: str
     start: int = Field(description="Character offset of the answer in the document text.")

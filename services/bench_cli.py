@@ -310,6 +310,9 @@ def register(app: typer.Typer) -> None:
         """Drive a running service over HTTP: latency, throughput, cache hits and EM/F1 per load level, cold and warm, against the naive baseline."""
         from shardqa.services import bench as B
 
+        from shardqa.services.client import service_url
+
+        url = service_url(url)
         conc = _ints(concurrency, "--concurrency")
         rts = _floats(rates, "--rates")
         _results_dir(out)
@@ -416,6 +419,9 @@ def register(app: typer.Typer) -> None:
         if gold_backend not in R.BACKENDS:
             raise B.BenchError(f"--backend: unknown {gold_backend}; choose from {', '.join(R.BACKENDS)}")
         # Every argument is checked before anything runs or is deleted.
+        from shardqa.services.client import service_url
+
+        url = service_url(url)
         levels, load_rates, lengths = _ints(concurrency, "--concurrency"), _floats(rates, "--rates"), _ints(reader_lengths, "--reader-lengths")
         if profile_pid is not None and profile_pid <= 0:
             raise B.BenchError(f"--profile-pid: expected a process id, got {profile_pid}")

@@ -40,8 +40,9 @@ def _answer_body(response: httpx.Response) -> dict:
     return body
 
 
-def ask(url: str, question: str, top_k: int = 1, timeout_s: float = 30.0, client: httpx.Client | None = None) -> dict:
-    """POST /v1/answer; the response body, or a one-line error."""
+def service_url(url: str) -> str:
+    """``url`` as a service's base URL (no trailing slash), or a one-line error
+    before anything waits on it."""
     # A base URL copied with its trailing slash would otherwise ask //v1/answer (404).
     url = url.rstrip("/")
     try:
@@ -50,6 +51,12 @@ def ask(url: str, question: str, top_k: int = 1, timeout_s: float = 30.0, client
         raise ServiceRequestFailed(f"not a valid URL: {url!r} ({exc})") from None
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise ServiceRequestFailed(f"not a service URL: {url!r}; expected http://host:port")
+    return url
+
+
+def ask(url: str, question: str, top_k: int = 1, timeout_s: float = 30.0, client: httpx.Client | None = None) -> dict:
+    """POST /v1/answer; the response body, or a one-line error."""
+    url = service_url(url)
     try:
         if client is not None:
             r = client.post(f"{url}/v1/answer", json={"question": question, "top_k": top_k}, timeout=timeout_s)

@@ -63,12 +63,17 @@ class ShardDeployment:
         # Every replica preloads a new index version on its own, so the
         # ingress's switch (which tells one replica per shard) finds all
         # replicas ready instead of the first requests paying the load.
+        last_problem = ""
         while True:
             await asyncio.sleep(self.settings.index_refresh_s)
             try:
                 await self._load(self.worker.load_current)
             except Exception as exc:
-                log.warning("shard %d: index refresh failed: %s", self.shard, exc)
+                if str(exc) != last_problem:  # once per distinct problem, not every tick
+                    log.warning("shard %d: index refresh failed: %s", self.shard, exc)
+                last_problem = str(exc)
+            else:
+                last_problem = ""
 
     async def answer(self, query: ShardQuery) -> list[Answer]:
         if not self.worker.holds(query.index_version):

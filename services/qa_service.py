@@ -129,10 +129,11 @@ class QAService:
     @classmethod
     def create(cls, settings: Settings, shards: ShardClient) -> "QAService":
         from shardqa.preprocessing.store import open_store
-        from shardqa.services.reader import answer_fingerprint
+        from shardqa.services.reader import answer_fingerprint, resolve_model_dir
         from shardqa.tokenization import TextTokenizer
 
-        tokenizer = TextTokenizer.from_pretrained(settings.model)
+        # The folder the shards' reader loads (a hub id resolves into cache_dir once).
+        tokenizer = TextTokenizer.from_pretrained(resolve_model_dir(str(settings.model), settings.cache_dir))
         checker = QuestionChecker.for_settings(settings, tokenizer)
         cache = AnswerCache.from_url(settings.cache_url, settings.cache_ttl_s, settings.cache_timeout_s,
                                      peer_wait_s=settings.answer_timeout_s)

@@ -21,6 +21,19 @@ def max_question_tokens(settings: Settings, tokenizer: TextTokenizer, max_seq_le
     return min(settings.max_question_len, seq - tokenizer.template.num_special - stride - 1)
 
 
+def check_question_text(question: str, max_chars: int) -> None:
+    """A question's checks that need no tokenizer (type, blank, length, Unicode)."""
+    if not isinstance(question, str):
+        raise InvalidQuestion("the question must be a string")
+    if not question.strip():
+        raise InvalidQuestion("the question is empty")
+    if len(question) > max_chars:
+        raise QuestionTooLong(f"the question has {len(question)} characters; the limit is {max_chars}")
+    at = not_unicode_at(question)
+    if at is not None:
+        raise InvalidQuestion(f"the question is not valid Unicode text (lone surrogate at character {at})")
+
+
 class QuestionChecker:
     def __init__(self, tokenizer: TextTokenizer, max_chars: int, max_tokens: int):
         self.tokenizer = tokenizer
@@ -35,15 +48,7 @@ class QuestionChecker:
 
     def check_text(self, question: str) -> None:
         """The checks that need no tokenizer, so a cache hit skips tokenising."""
-        if not isinstance(question, str):
-            raise InvalidQuestion("the question must be a string")
-        if not question.strip():
-            raise InvalidQuestion("the question is empty")
-        if len(question) > self.max_chars:
-            raise QuestionTooLong(f"the question has {len(question)} characters; the limit is {self.max_chars}")
-        at = not_unicode_at(question)
-        if at is not None:
-            raise InvalidQuestion(f"the question is not valid Unicode text (lone surrogate at character {at})")
+        check_question_text(question, self.max_chars)
 
     def tokenize(self, question: str) -> TokenizedText:
         tokens = self.tokenizer.tokenize(question)

@@ -41,10 +41,10 @@ class Settings(BaseSettings):
     )
     # Bounded: ONNX Runtime starts every thread asked for, and a typo such as
     # 100000 hangs the process instead of failing.
-    threads: int = Field(0, ge=0, le=256, description="intra-op threads per model copy; 0 = library default")
+    threads: int = Field(0, ge=0, le=256, description="intra-op threads per model copy; 0 = as many as the replica reserves CPUs (num_cpus_per_replica) in the service, the library default elsewhere")
     # Off: ONNX Runtime's intra-op threads otherwise spin between operators,
     # and shard replicas sharing cores burn the CPU the others need. Measured
-    # here (4 shards, 2 threads each, 2 cores, HAProxy ingress): concurrency 4
+    # on the 2-core benchmark machine (4 shards, 2 threads each, 2 cores, HAProxy ingress): concurrency 4
     # went from 31.8 to 47.1 answers/s, concurrency 1 p50 35.1 -> 32.9 ms.
     onnx_spin_wait: bool = Field(False, description="ONNX Runtime intra-op threads spin-wait between operators")
     cache_dir: Path = Field(Path.home() / ".cache" / "shardqa", description="ONNX exports and downloads")
@@ -106,9 +106,10 @@ class Settings(BaseSettings):
     ray_address: str | None = Field(None, description="existing Ray cluster; else RAY_ADDRESS or an embedded Ray")
     replicas_per_shard: int = Field(1, ge=1, description="Serve replicas per shard deployment")
     ingress_replicas: int = Field(1, ge=1)
-    # Opt-in: measured 5-6 ms faster per request here, but on a saturated
-    # machine Serve once killed the HAProxy manager during start-up and one
-    # Ray test saw a cache write go missing; the Python proxy never did.
+    # Opt-in: measured 5-6 ms faster per request on the 2-core benchmark
+    # machine, but on a saturated 2-core machine Serve once killed the HAProxy
+    # manager during start-up, and one Ray test run lost a cache write behind
+    # it (not reproduced since); the Python proxy never did either.
     fast_ingress: bool = Field(
         False,
         description="HTTP through Serve's HAProxy ingress straight to the ingress replica "
@@ -116,7 +117,7 @@ class Settings(BaseSettings):
     )
     # gRPC: Serve's default actor call to a replica is a streaming call (a
     # queue-length message, then the result); its gRPC transport is one unary
-    # call. Measured here: an empty call 3.8 -> 2.5 ms p50, the service at
+    # call. Measured on the 2-core benchmark machine: an empty call 3.8 -> 2.5 ms p50, the service at
     # concurrency 1 p50 33.7 -> 29.2 ms (three interleaved pairs).
     shard_transport: Literal["grpc", "actor"] = Field(
         "grpc",

@@ -68,7 +68,7 @@ class RoutedPassage:
     passage_id: str
     doc_id: str
     shard: int
-    shard_tag: str  # the Redis Cluster hash tag, e.g. "{shard-2}"
+    shard_tag: str  # the Redis Cluster hash tag, e.g. "{s2}"
     score: float
 
 

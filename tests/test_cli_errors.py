@@ -68,6 +68,22 @@ def test_query_names_a_bad_url(url, message):
     assert message in one_line(shardqa("query", "Who?", "--url", url))
 
 
+@pytest.mark.parametrize("question, message", [("  ", "the question is empty"), ("x" * 1001, "the limit is 1000")])
+def test_route_checks_the_question_as_the_service_does(question, message, tmp_path):
+    # before loading any index: the store named here does not even exist
+    assert message in one_line(shardqa("route", question, "--store", str(tmp_path / "none")))
+
+
+@pytest.mark.parametrize("command", ["bench", "bench-all"])
+def test_benchmarks_refuse_a_bad_url_before_waiting_for_it(command, tmp_path):
+    import time
+
+    t0 = time.monotonic()
+    proc = shardqa(command, "--url", "localhost:1", "--out", str(tmp_path / "out"))
+    assert proc.returncode != 0 and "not a service URL" in one_line(proc)
+    assert time.monotonic() - t0 < 30  # the ready wait is 60 s by default
+
+
 def test_query_refuses_text_that_is_not_unicode():
     assert "not valid Unicode" in one_line(shardqa("query", "Who \udcff?", "--url", "http://127.0.0.1:1"))
 

@@ -1,4 +1,4 @@
-"""The container images cannot be built here (no Docker engine), so their
+"""The container images are not built by the test suite (it needs no Docker engine), so their
 Dockerfiles are parsed with the official parser and checked for what the
 chart and the cluster rely on."""
 

@@ -53,6 +53,28 @@ def test_long_context_windows_without_the_answer_point_at_cls(tmp_path):
     assert all(f[2] == 0 and f[3] == 0 for f in feats[1:] if "rollo" not in tok.decode(f[0].tolist()))
 
 
+def test_training_windows_are_the_serving_reader_s_windows(tmp_path):
+    """Training labels the windows the Hugging Face way and serving cuts them
+    from pre-tokenised passages: with the same max_seq_len and doc_stride the
+    two are the same token ids, window for window (no train/serve skew)."""
+    from transformers import AutoTokenizer
+
+    from shardqa.services.reader import Reader, passage_from_text
+
+    tok = AutoTokenizer.from_pretrained(TINY)
+    filler = " ".join(f"The {w} river flows past town {i}." for i, w in enumerate(["long", "cold", "wide", "old"] * 20))
+    ctx = "The answer is Rollo, who led the Normans. " + filler
+    path = tmp_path / "long.json"
+    path.write_text(json.dumps({"data": [{"title": "t", "paragraphs": [{"context": ctx, "qas": [
+        {"id": "x", "question": "Who led the Normans?", "answers": [{"text": "Rollo", "answer_start": ctx.index("Rollo")}]}]}]}]}))
+    feats = build_train_features(load_squad(path), tok, max_len=128, stride=32)
+    reader = Reader.load(str(TINY), "torch", max_seq_len=128, doc_stride=32, threads=1)
+    windows = reader.features(reader.check_question("Who led the Normans?"), passage_from_text(reader.tokenizer, ctx).tokens)
+    assert len(feats) == len(windows) > 2
+    for (ids, types, _s, _e), w in zip(feats, windows):
+        assert ids.tolist() == w.input_ids.tolist() and types.tolist() == w.token_type_ids.tolist()
+
+
 @pytest.mark.slow
 def test_resume_gives_identical_weights(tmp_path):
     data = _squad(tmp_path / "train.json")

@@ -1,6 +1,6 @@
 """Turn a training run into the shipped model folder: fp16 weights, clean
-tokenizer files, a checksum, and a model card whose figures are measured here
-(never typed in)."""
+tokenizer files, a checksum, and a model card whose figures are measured by
+this code (never typed in)."""
 
 from __future__ import annotations
 
