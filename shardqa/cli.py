@@ -22,6 +22,20 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from shardqa import __version__
+
+        typer.echo(f"shardqa {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="print the version and exit")) -> None:
+    """Sharded, millisecond-latency extractive question answering."""
+
+
 def fail(message: str, code: int = 2) -> "typer.Exit":
     """Print a one-line error (no traceback) and return the Exit to raise."""
     typer.echo(f"error: {message}", err=True)
@@ -120,8 +134,17 @@ NOT_SETTINGS = frozenset({"SHARDQA_DEBUG", "SHARDQA_CORPUS", "SHARDQA_HELM", "SH
 
 
 def _warn_unknown_settings() -> None:
-    """pydantic-settings ignores a misspelled variable; say so instead."""
-    if not any(k.upper().startswith("SHARDQA_") for k in os.environ):
+    """pydantic-settings ignores a misspelled variable, in the environment as
+    in the `.env` file it reads; say so instead."""
+    names = {k: "" for k in os.environ if k.upper().startswith("SHARDQA_")}
+    if os.path.isfile(".env"):
+        try:
+            from dotenv import dotenv_values
+
+            names.update({k: " (in .env)" for k in dotenv_values(".env") if k.upper().startswith("SHARDQA_") and k not in names})
+        except Exception:  # an unreadable .env is the settings' own error to report
+            pass
+    if not names:
         return
     import difflib
 
@@ -129,10 +152,11 @@ def _warn_unknown_settings() -> None:
 
     # Matched without case, as pydantic-settings reads them.
     known = {f"SHARDQA_{name.upper()}" for name in Settings.model_fields}
-    for name in sorted(k for k in os.environ if k.upper().startswith("SHARDQA_") and k.upper() not in known | NOT_SETTINGS):
+    for name in sorted(k for k in names if k.upper() not in known | NOT_SETTINGS):
         close = difflib.get_close_matches(name.upper(), sorted(known), n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
-        typer.echo(f"warning: {name} is not a shardqa setting and is ignored{hint}; `shardqa config` lists them", err=True)
+        typer.echo(f"warning: {name}{names[name]} is not a shardqa setting and is ignored{hint}; `shardqa config` lists them",
+                   err=True)
 
 
 def _unexpected(exc: BaseException) -> None:

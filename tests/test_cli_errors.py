@@ -238,6 +238,21 @@ def test_a_misspelled_setting_is_named_not_silently_ignored():
                                    "(did you mean SHARDQA_SHARDS?); `shardqa config` lists them")
 
 
+def test_a_misspelled_setting_in_dot_env_is_named_too(tmp_path):
+    (tmp_path / ".env").write_text("SHARDQA_PORTT=9000\n")
+    proc = shardqa("config", "--json", cwd=tmp_path)
+    assert proc.returncode == 0
+    assert proc.stderr.strip() == ("warning: SHARDQA_PORTT (in .env) is not a shardqa setting and is ignored "
+                                   "(did you mean SHARDQA_PORT?); `shardqa config` lists them")
+
+
+def test_version():
+    from shardqa import __version__
+
+    proc = shardqa("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"shardqa {__version__}"
+
+
 def test_help_texts_keep_their_defaults():
     out = shardqa("index", "--help").stdout
     assert "[default: SHARDQA_STORE]" in " ".join(out.split())
