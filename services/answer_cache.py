@@ -10,8 +10,10 @@
 * Single-flight: concurrent misses for one key run inference once. Within a
   process, callers share one task, which runs to the end even when the caller
   that started it goes away (a client hanging up must not fail the others);
-  across ingress replicas, a short Redis lock (SET NX PX, released only by
-  its owner) makes the others wait for the value instead of computing.
+  across ingress replicas, a Redis lock (SET NX PX, released only by its
+  owner) makes the others wait for the value instead of computing. The lock
+  is short (2 s) and its owner renews it while computing: a slow answer keeps
+  it, a replica that dies frees it within 2 s.
 * The cache is an optimisation, never a dependency: every Redis call has a
   deadline, and an error or timeout makes the request go uncached (counted as
   a cache "error"). After a failure Redis is left alone for a short back-off
@@ -24,6 +26,7 @@ import asyncio
 import functools
 import hashlib
 import logging
+import math
 import re
 import secrets
 import time
@@ -279,21 +282,25 @@ class AnswerCache:
         metrics.record_cache("hit" if value is not None else "miss" if ok else "error")
         return value
 
-    async def get_or_compute(self, key: str, compute: Callable[[], Awaitable[bytes]]) -> CacheResult:
+    async def get_or_compute(self, key: str, compute: Callable[[], Awaitable[bytes]],
+                             deadline: float | None = None) -> CacheResult:
         """The cached value of `key`, else `compute()`'s, stored for the next
-        request; one computation per key at a time."""
+        request; one computation per key at a time. A wait for a peer
+        replica's computation ends by ``deadline`` (monotonic clock), so
+        ``compute`` can keep to the same deadline."""
         t0 = time.perf_counter()
         value = await self.lookup(key)
         metrics.record_stage("cache", time.perf_counter() - t0)
         if value is not None:
             return CacheResult(value, shared=True, hit=True)
-        return await self.compute_once(key, compute)
+        return await self.compute_once(key, compute, deadline)
 
-    async def compute_once(self, key: str, compute: Callable[[], Awaitable[bytes]]) -> CacheResult:
+    async def compute_once(self, key: str, compute: Callable[[], Awaitable[bytes]],
+                           deadline: float | None = None) -> CacheResult:
         task = self._inflight.get(key)
         joined = task is not None
         if task is None:
-            task = asyncio.ensure_future(self._fill(key, compute))
+            task = asyncio.ensure_future(self._fill(key, compute, deadline))
             self._inflight[key] = task
             task.add_done_callback(functools.partial(self._finished, key))
         # Shielded: a caller cancelled (its client hung up) stops waiting,
@@ -309,14 +316,14 @@ class AnswerCache:
             # not logged as "exception was never retrieved".
             task.exception()
 
-    async def _fill(self, key: str, compute: Callable[[], Awaitable[bytes]]) -> tuple[bytes, bool]:
+    async def _fill(self, key: str, compute: Callable[[], Awaitable[bytes]], deadline: float | None = None) -> tuple[bytes, bool]:
         """The value, and whether this process computed it (not a peer)."""
         token = None
         try:
             if self.backend.shared:
                 ok, token = await self._call(self.backend.try_lock(key, self.lock_ttl_ms), "lock")
                 if ok and token is None:
-                    value = await self._wait_for_peer(key)
+                    value = await self._wait_for_peer(key, deadline)
                     if value is not None:
                         return value, False
             keeper = asyncio.create_task(self._keep_lock(key, token)) if token is not None else None
@@ -336,15 +343,22 @@ class AnswerCache:
         for an answer slower than the lock's TTL instead of computing it too."""
         while True:
             await asyncio.sleep(self.lock_ttl_ms / 3000)
-            ok, renewed = await self._call(self.backend.renew_lock(key, token, self.lock_ttl_ms), "lock renewal")
-            if not ok or not renewed:
+            try:
+                if not await asyncio.wait_for(self.backend.renew_lock(key, token, self.lock_ttl_ms), self.timeout_s):
+                    return  # the lock expired and a peer may hold it now
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # Only the renewal failed: peers stop waiting when the lock
+                # expires and compute it themselves; the cache stays on.
+                log.debug("answer cache lock renewal failed (%s: %s)", type(exc).__name__, exc)
                 return
 
-    async def _wait_for_peer(self, key: str) -> bytes | None:
+    async def _wait_for_peer(self, key: str, deadline: float | None = None) -> bytes | None:
         """Another process holds the lock: poll for its value while it holds
         the lock; None means compute it here after all (the peer failed, or
         its lock expired)."""
-        deadline = time.monotonic() + self.peer_wait_s
+        deadline = min(time.monotonic() + self.peer_wait_s, deadline if deadline is not None else math.inf)
         delay = 0.002
         while time.monotonic() < deadline:
             await asyncio.sleep(delay)

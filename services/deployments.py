@@ -76,11 +76,15 @@ class ShardDeployment:
                 last_problem = ""
 
     async def answer(self, query: ShardQuery) -> list[Answer]:
-        if not self.worker.holds(query.index_version):
-            # On the loader thread, before batching: a version this replica
-            # has not loaded yet (or has dropped) holds up only this request.
-            await self._load(self.worker.passages, query.index_version)
-        return answers_or_raise(await self.answer_batch(query))
+        for _ in range(2):  # a version dropped between the load and the batch is loaded once more
+            if not self.worker.holds(query.index_version):
+                # On the loader thread, before batching: a version this replica
+                # has not loaded yet (or has dropped) holds up only this request.
+                await self._load(self.worker.passages, query.index_version)
+            result = await self.answer_batch(query)
+            if self.worker.holds(query.index_version) or not isinstance(result, IndexNotFound):
+                break
+        return answers_or_raise(result)
 
     # Its size and wait are set from the settings in __init__.
     @serve.batch

@@ -35,15 +35,16 @@ from shardqa.types import Answer
 
 log = logging.getLogger(__name__)
 
-#: The settings that decide which passages are read and how answers are ranked.
 #: How long every shard may take to load a new index version before the
-#: switch is abandoned (and tried again later): a hung store read must not
-#: hold the switch, and with it every later version, forever.
+#: ingress gives up this attempt (and tries again next tick): a replica whose
+#: store read hangs must not hold the ingress's switch, and with it every later
+#: version, forever. It does not unstick that replica's own load.
 PREPARE_TIMEOUT_S = 600.0
-#: The longest wait between attempts at a version that failed to load.
-RETRY_BACKOFF_MAX_S = 300.0
+#: The longest wait between attempts at a version whose router failed to load.
+RETRY_BACKOFF_MAX_S = 60.0
 _clock = time.monotonic  # the retry waits' clock (tests move it)
 
+#: The settings that decide which passages are read and how answers are ranked.
 READING_SETTINGS = ("route_k", "route_min_relative_score", "read_first_stop_logit", "merge_route_weight", "route_dense_skip_gap")
 
 
@@ -121,6 +122,8 @@ class QAService:
         #: unreachable) or not (vectors from another encoder), and each
         #: attempt loads the router on the cores that answer requests.
         self._failed: tuple[str, int, float, str] | None = None
+        #: A version's built view whose shards have not all loaded it yet.
+        self._pending: IndexView | None = None
         # Tokenising and routing (BM25, PageRank, the dense encoder: ms of
         # CPU) run here, not on the event loop, which keeps serving cache
         # hits, /readyz and /metrics meanwhile.
@@ -197,21 +200,27 @@ class QAService:
             failed = self._failed if self._failed is not None and self._failed[0] == version else None
             if failed is not None and _clock() < failed[2]:
                 raise ServiceUnavailable(failed[3])
+            pending = self._pending if self._pending is not None and self._pending.version == version else None
             try:
-                return await self._switch(version)
+                view = pending or await asyncio.to_thread(self._build_view, version)
             except TokenizerMismatch as exc:
                 self._refused = (version, str(exc))
                 raise
             except Exception as exc:
-                if self._refused is not None and self._refused[0] == version:
-                    raise
                 failures = failed[1] + 1 if failed is not None else 1
                 wait = min(self.settings.index_refresh_s * 2 ** failures, RETRY_BACKOFF_MAX_S)
                 self._failed = (version, failures, _clock() + wait, str(exc))
                 raise
+            self._failed = None
+            # Kept until the shards hold the version too: their side is tried
+            # again every tick (cheap for the ingress, and a replica that was
+            # restarting is back within seconds) without rebuilding the router.
+            self._pending = view
+            switched = await self._switch(version, view)
+            self._pending = None
+            return switched
 
-    async def _switch(self, version: str) -> bool:
-        view = await asyncio.to_thread(self._build_view, version)
+    async def _switch(self, version: str, view: IndexView) -> bool:
         shards = view.manifest.shards
         if shards != self.shards.num_shards:
             problem = (
@@ -232,7 +241,6 @@ class QAService:
         old, self.view = self.view, view
         self.view_problem = ""
         metrics.set_index_info(version, self.model_id, shards)
-        self._failed = None
         log.info("serving index version %s (was %s)", version, old.version if old else "none")
         return True
 
@@ -304,21 +312,25 @@ class QAService:
     async def _answer_checked(self, view: IndexView, text: str, top_k: int, position: int | None = None) -> Outcome:
         """`text` is canonical: the key is made from exactly what the stages read."""
         key = cache_key(view.version, normalise_question(text, view.folds_case), top_k, view.scope)
+        # One deadline for the whole request: a wait for a peer replica's
+        # computation and a computation of its own after that peer failed
+        # together take no longer than answer_timeout_s.
+        deadline = time.monotonic() + self.settings.answer_timeout_s
         try:
-            result = await self.cache.get_or_compute(key, lambda: self._infer_in_time(view, text, top_k))
+            result = await self.cache.get_or_compute(key, lambda: self._infer_in_time(view, text, top_k, deadline), deadline)
         except ShardQAError as exc:
             if position is None:
                 raise
             raise _at_position(exc, position) from None
         return Outcome(result.value, result.shared, view.version, result.hit)
 
-    async def _infer_in_time(self, view: IndexView, question: str, top_k: int) -> bytes:
+    async def _infer_in_time(self, view: IndexView, question: str, top_k: int, deadline: float) -> bytes:
         limit = self.settings.answer_timeout_s
         try:
-            async with asyncio.timeout(limit) as deadline:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())) as timer:
                 return await self._infer(view, question, top_k)
         except TimeoutError:
-            if not deadline.expired():
+            if not timer.expired():
                 raise  # a timeout of something inside, not the answer's deadline
             raise ServiceUnavailable(f"no answer within {limit:g} s: the shards are overloaded or stuck") from None
 

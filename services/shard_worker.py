@@ -145,9 +145,9 @@ class ShardWorker:
         return out
 
     def _passages_of(self, query: ShardQuery) -> list[Passage]:
-        # Versions are loaded before a query reaches the model thread
-        # (``passages``, on the replica's loader thread): a load here would
-        # stall every query batched with this one.
+        # The caller loads a version before the query reaches the batch (a
+        # Serve replica on its loader thread): a load here would stall every
+        # query batched with this one.
         by_id = self._versions.get(query.index_version)
         if by_id is None:
             raise IndexNotFound(f"shard {self.shard} does not hold index version {query.index_version}")

@@ -3,8 +3,8 @@ one recipe shared by the reader's backends and the router's dense encoder.
 
 Both export with eager attention: ONNX Runtime's transformer optimizer
 recognises that pattern and fuses it (Attention, EmbedLayerNormalization,
-SkipLayerNormalization, BiasGelu); the SDPA export, transformers' default,
-stays a dozen unfused nodes per layer and made INT8 about 1.5x slower here.
+BiasGelu); the SDPA export, transformers' default, stays a dozen unfused
+nodes per layer and made INT8 about 1.5x slower on the 2-core benchmark machine.
 
 The residual adds stay ``Add`` + ``LayerNormalization`` on the CPU: ONNX
 Runtime's CPU ``SkipLayerNormalization`` kernel took 0.20 ms for one
@@ -33,6 +33,9 @@ RECIPE = "eager-fused-opset17-int8-per-channel"
 INT8_LAYOUT = "add-layernorm"
 #: ONNX Runtime's session-level fusion that would undo ``INT8_LAYOUT`` on the CPU.
 CPU_DISABLED_FUSIONS = ["SkipLayerNormFusion"]
+#: Execution providers whose fused SkipLayerNormalization is the fast kernel.
+GPU_PROVIDERS = frozenset({"CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider",
+                           "MIGraphXExecutionProvider", "DmlExecutionProvider"})
 
 
 def atomic_write(target: Path, write) -> None:
@@ -124,5 +127,6 @@ def open_session(path: Path, *, threads: int, providers: list[str], spin_wait: b
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
-    disabled = CPU_DISABLED_FUSIONS if providers[0] == "CPUExecutionProvider" else []
+    on_gpu = any(p in GPU_PROVIDERS for p in providers)
+    disabled = [] if on_gpu else CPU_DISABLED_FUSIONS
     return ort.InferenceSession(str(path), sess_options=opts, providers=providers, disabled_optimizers=disabled)

@@ -374,6 +374,15 @@ def test_a_query_a_shard_cannot_answer_fails_alone(shared_index):
         answers_or_raise(out[2])
     assert not worker.holds("v-not-loaded")
 
+    # In process, as in a replica, a version not loaded yet is loaded before the batch.
+    import asyncio
+
+    from shardqa.services.shard_client import LocalShards
+
+    fresh = ShardWorker(0, reader, store)
+    answers = asyncio.run(LocalShards([fresh]).answer(0, good))
+    assert fresh.holds(version) and {a.passage_id for a in answers} == set(ids)
+
 
 def test_a_version_that_fails_to_load_is_retried_with_a_growing_wait(tmp_path, monkeypatch):
     """Each attempt loads the router on the cores that answer requests, so a
@@ -429,10 +438,16 @@ def test_a_version_that_fails_to_load_is_retried_with_a_growing_wait(tmp_path, m
         async def hang(shard, version):
             await asyncio.sleep(3600)
 
+        real_prepare = service.shards.prepare
         monkeypatch.setattr(service.shards, "prepare", hang)
         monkeypatch.setattr(Q, "PREPARE_TIMEOUT_S", 0.2)
-        with pytest.raises(ServiceUnavailable, match=f"did not load index version {new_version} within"):
-            await service.refresh()
-        assert service.view.version == serving
+        built = []
+        monkeypatch.setattr(service, "_build_view", lambda v: built.append(v) or real_build(v))
+        for _ in range(2):  # tried again every tick, without rebuilding the router
+            with pytest.raises(ServiceUnavailable, match=f"did not load index version {new_version} within"):
+                await asyncio.wait_for(service.refresh(), 30)
+        assert service.view.version == serving and built == [new_version]
+        monkeypatch.setattr(service.shards, "prepare", real_prepare)
+        assert await service.refresh() is True and service.view.version == new_version and built == [new_version]
 
     asyncio.run(attempts())

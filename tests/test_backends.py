@@ -100,8 +100,9 @@ def test_cpu_sessions_keep_residual_adds_out_of_skip_layer_norm(tmp_path, monkey
     with monkeypatch.context() as m:
         m.setattr(ort, "InferenceSession", FakeSession)
         onnx_export.open_session(path, threads=1, providers=[CPU])
-        onnx_export.open_session(path, threads=1, providers=[CUDA, CPU])
-    assert seen == {CPU: ["SkipLayerNormFusion"], CUDA: []}
+        onnx_export.open_session(path, threads=1, providers=[TRT, CUDA, CPU])
+        onnx_export.open_session(path, threads=1, providers=["OpenVINOExecutionProvider", CPU])
+    assert seen == {CPU: ["SkipLayerNormFusion"], TRT: [], "OpenVINOExecutionProvider": ["SkipLayerNormFusion"]}
 
     # and the real CPU session, as optimised, still has no SkipLayerNormalization
     opts = ort.SessionOptions()

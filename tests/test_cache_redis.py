@@ -187,6 +187,36 @@ def test_an_answer_slower_than_the_lock_ttl_is_still_computed_once(redis_server)
     assert result.value == second.value == b"[slow]" and second.shared
 
 
+def test_a_wait_for_a_peer_ends_by_the_request_s_deadline(redis_server):
+    """Waiting for a peer and computing after it take one answer deadline
+    together: the wait ends at the request's deadline, not after peer_wait_s."""
+    a = AnswerCache(RedisBackend(redis_server.url, 5.0), ttl_s=60, timeout_s=5.0, lock_ttl_ms=300, peer_wait_s=10)
+    b = AnswerCache(RedisBackend(redis_server.url, 5.0), ttl_s=60, timeout_s=5.0, lock_ttl_ms=300, peer_wait_s=10)
+    computing = asyncio.Event()
+
+    async def slow():
+        computing.set()
+        await asyncio.sleep(2.0)
+        return b"[slow]"
+
+    async def own():
+        return b"[own]"
+
+    async def scenario():
+        first = asyncio.ensure_future(a.get_or_compute("deadline-q", slow))
+        await computing.wait()
+        t0 = time.monotonic()
+        second = await b.get_or_compute("deadline-q", own, deadline=time.monotonic() + 0.3)
+        waited = time.monotonic() - t0
+        await first
+        await a.close()
+        await b.close()
+        return second, waited
+
+    second, waited = asyncio.run(scenario())
+    assert second.value == b"[own]" and waited < 1.5
+
+
 def test_only_the_owner_releases_a_lock(redis_server):
     backend = RedisBackend(redis_server.url, 5.0)
 
