@@ -249,9 +249,22 @@ def deploy(config: ServiceConfig, host: str, port: int, *, address: str | None =
     embedded = start_ray(config, ray_address(address), quiet=quiet)
     # Access logs cost time on every request and say nothing /metrics does not.
     logging_config = LoggingConfig(enable_access_log=False, log_level="WARNING" if quiet else "INFO")
-    serve.start(http_options=HTTPOptions(host=host, port=port), logging_config=logging_config)
-    serve_log.setLevel(logging.WARNING if quiet else logging.INFO)  # serve.start may have reset it
-    serve.run(build_graph(config), name=app_name, route_prefix="/", logging_config=logging_config)
+    try:
+        serve.start(http_options=HTTPOptions(host=host, port=port), logging_config=logging_config)
+        serve_log.setLevel(logging.WARNING if quiet else logging.INFO)  # serve.start may have reset it
+        serve.run(build_graph(config), name=app_name, route_prefix="/", logging_config=logging_config)
+    except BaseException as exc:
+        if embedded:  # nothing of a failed start is left running
+            import ray
+
+            ray.shutdown()
+            stop_haproxy(haproxy_before)
+        # Serve's HAProxy manager (fast_ingress) can fail to come up on a
+        # saturated machine; its error is Ray's remote traceback.
+        if "HAProxyManager" in str(exc):
+            raise StartupError("Serve's HAProxy ingress did not start (the machine may be saturated); try again, "
+                               "or serve through Serve's Python proxy with SHARDQA_FAST_INGRESS=false") from None
+        raise
     connect_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     return RunningService(f"http://{connect_host}:{port}", embedded, app_name, haproxy_before)
 

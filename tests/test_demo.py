@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -291,3 +292,36 @@ def test_demo_serves_answers_and_stops_on_ctrl_c(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_failed_serve_start_stops_the_embedded_ray_and_says_what_failed(monkeypatch):
+    """Serve's HAProxy manager can fail to start on a saturated machine: the
+    user gets one line saying so (not Ray's remote traceback), and nothing of
+    the failed start is left running."""
+    import ray
+    from ray import serve
+
+    from shardqa.services import runtime
+    from shardqa.services.runtime import StartupError
+
+    stopped = []
+    monkeypatch.setattr(runtime, "fast_ingress_env", lambda on: {})
+    monkeypatch.setattr(runtime, "start_ray", lambda *a, **k: True)
+    monkeypatch.setattr(runtime, "stop_haproxy", lambda before: stopped.append("haproxy"))
+    monkeypatch.setattr(ray, "shutdown", lambda *a, **k: stopped.append("ray"))
+
+    def failing_start(**kwargs):
+        raise RuntimeError("ray::HAProxyManager.ready() (pid=1) ... Traceback (most recent call last): ...")
+
+    monkeypatch.setattr(serve, "start", failing_start)
+    config = SimpleNamespace(settings=SimpleNamespace(fast_ingress=True))
+    with pytest.raises(StartupError, match="HAProxy ingress did not start.*SHARDQA_FAST_INGRESS=false"):
+        runtime.deploy(config, "127.0.0.1", free_port())
+    assert stopped == ["ray", "haproxy"]
+
+    def other_failure(**kwargs):
+        raise ValueError("something else")
+
+    monkeypatch.setattr(serve, "start", other_failure)
+    with pytest.raises(ValueError, match="something else"):
+        runtime.deploy(config, "127.0.0.1", free_port())
