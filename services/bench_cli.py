@@ -123,18 +123,13 @@ def _shown_arg(arg: str) -> str:
 
 def command_line() -> str:
     """This command as typed, with paths shown relative to the repository or home."""
-    argv, skip = [], False
-    for a in sys.argv[1:]:  # the setup commands are listed on their own
-        if skip == "pid":
-            skip = False
-            argv.append("PID")  # the service's process id means nothing to a reader
-        elif skip:
-            skip = False
-        elif a == "--setup-command":
-            skip = True
+    argv, args = [], iter(sys.argv[1:])
+    for a in args:
+        if a == "--setup-command":  # the setup commands are listed on their own
+            next(args, None)
         elif a == "--profile-pid":
-            skip = "pid"
-            argv.append(a)
+            next(args, None)
+            argv += [a, "PID"]  # the service's process id means nothing to a reader
         elif a.startswith("--profile-pid="):
             argv.append("--profile-pid=PID")
         elif not a.startswith("--setup-command="):

@@ -48,6 +48,7 @@ def start_recording(pid: int, seconds: float, out: Path, rate: int = 100) -> sub
 
 
 _PROCESS_START = re.compile(r'process \d+:"')
+_PROCESS_FRAME = re.compile(r'process (\d+):"(.*)"$', re.S)
 _NEXT_FRAME = re.compile(r'process \d+:"|[^;]* \([^;]*\)(;|$)', re.S)
 
 
@@ -102,7 +103,7 @@ def _short_command(cmdline: str) -> str:
 
 
 def _process_label(frame: str) -> str:
-    m = re.match(r'process (\d+):"(.*)"$', frame, re.S)
+    m = _PROCESS_FRAME.match(frame)
     if not m:
         return frame
     return f"{m.group(1)}: {_short_command(m.group(2))}"
@@ -115,7 +116,7 @@ def sanitize_collapsed(text: str) -> str:
     for stack, n in parse_collapsed(text):
         frames = []
         for f in stack:
-            m = re.match(r'process (\d+):"(.*)"$', f, re.S)
+            m = _PROCESS_FRAME.match(f)
             frames.append(f'process {m.group(1)}:"{_short_command(m.group(2))}"' if m else f)
         lines.append(f"{';'.join(frames)} {n}")
     return "\n".join(lines) + ("\n" if lines else "")

@@ -227,7 +227,7 @@ class QAService:
                 f"index version {version} has {shards} shards but the service was deployed with "
                 f"{self.shards.num_shards}; redeploy to serve it"
             )
-            self._refused = (version, problem)
+            self._refused, self._pending = (version, problem), None
             raise ServiceUnavailable(problem)
         # Every shard holds the new version before any request uses it.
         try:

@@ -121,35 +121,50 @@ def test_single_flight_across_two_ingress_replicas(redis_server):
     assert [r.value for r in results] == [b"[1]"] * 4
 
 
+def _holder_then_peer(url: str, holding, asking, deadline_s: float | None = None, **cache_kw):
+    """Two ingress replicas on one Redis: replica a starts ``holding()`` (and
+    takes the lock), then replica b asks for the same key with ``asking``.
+    Returns a's outcome (its value, or the exception it raised), b's
+    CacheResult, and how long b took."""
+    a = AnswerCache(RedisBackend(url, 5.0), ttl_s=60, timeout_s=5.0, **cache_kw)
+    b = AnswerCache(RedisBackend(url, 5.0), ttl_s=60, timeout_s=5.0, **cache_kw)
+    computing = asyncio.Event()
+
+    async def held():
+        computing.set()  # a holds the lock now
+        return await holding()
+
+    async def scenario():
+        first = asyncio.ensure_future(a.get_or_compute("q", held))
+        await computing.wait()
+        t0 = time.monotonic()
+        deadline = time.monotonic() + deadline_s if deadline_s is not None else None
+        second = await b.get_or_compute("q", asking, deadline=deadline)
+        waited = time.monotonic() - t0
+        try:
+            outcome = (await first).value
+        except Exception as exc:
+            outcome = exc
+        await a.close()
+        await b.close()
+        return outcome, second, waited
+
+    return asyncio.run(scenario())
+
+
 def test_a_peer_that_fails_releases_its_waiters_at_once(redis_server):
     """The replica holding the lock fails: the other stops waiting as soon as
     the lock is gone, instead of sitting out the lock's TTL."""
-    a = AnswerCache(RedisBackend(redis_server.url, 5.0), ttl_s=60, timeout_s=5.0, lock_ttl_ms=5000)
-    b = AnswerCache(RedisBackend(redis_server.url, 5.0), ttl_s=60, timeout_s=5.0, lock_ttl_ms=5000)
-
-    computing = asyncio.Event()
 
     async def failing():
-        computing.set()  # a holds the lock now
         await asyncio.sleep(0.1)
         raise RuntimeError("shard down")
 
     async def later():
         return b"[ok]"
 
-    async def scenario():
-        first = asyncio.ensure_future(a.get_or_compute("q", failing))
-        await computing.wait()
-        t0 = time.monotonic()
-        result = await b.get_or_compute("q", later)
-        waited = time.monotonic() - t0
-        with pytest.raises(RuntimeError):
-            await first
-        await a.close()
-        await b.close()
-        return result, waited
-
-    result, waited = asyncio.run(scenario())
+    outcome, result, waited = _holder_then_peer(redis_server.url, failing, later, lock_ttl_ms=5000)
+    assert isinstance(outcome, RuntimeError)
     assert result.value == b"[ok]" and not result.shared
     assert waited < 2.0  # the lock's TTL is 5 s
 
@@ -158,14 +173,10 @@ def test_an_answer_slower_than_the_lock_ttl_is_still_computed_once(redis_server)
     """The holder renews its short lock while it computes: a peer keeps
     waiting for an answer that takes several lock TTLs, instead of computing
     it a second time once the first TTL ran out."""
-    a = AnswerCache(RedisBackend(redis_server.url, 5.0), ttl_s=60, timeout_s=5.0, lock_ttl_ms=300, peer_wait_s=10)
-    b = AnswerCache(RedisBackend(redis_server.url, 5.0), ttl_s=60, timeout_s=5.0, lock_ttl_ms=300, peer_wait_s=10)
     calls = []
-    computing = asyncio.Event()
 
     async def slow():
         calls.append("a")
-        computing.set()
         await asyncio.sleep(1.2)  # four lock TTLs
         return b"[slow]"
 
@@ -173,48 +184,25 @@ def test_an_answer_slower_than_the_lock_ttl_is_still_computed_once(redis_server)
         calls.append("b")
         return b"[again]"
 
-    async def scenario():
-        first = asyncio.ensure_future(a.get_or_compute("slow-q", slow))
-        await computing.wait()
-        second = await b.get_or_compute("slow-q", again)
-        result = await first
-        await a.close()
-        await b.close()
-        return result, second
-
-    result, second = asyncio.run(scenario())
+    outcome, second, _ = _holder_then_peer(redis_server.url, slow, again, lock_ttl_ms=300, peer_wait_s=10)
     assert calls == ["a"]
-    assert result.value == second.value == b"[slow]" and second.shared
+    assert outcome == second.value == b"[slow]" and second.shared
 
 
 def test_a_wait_for_a_peer_ends_by_the_request_s_deadline(redis_server):
     """Waiting for a peer and computing after it take one answer deadline
     together: the wait ends at the request's deadline, not after peer_wait_s."""
-    a = AnswerCache(RedisBackend(redis_server.url, 5.0), ttl_s=60, timeout_s=5.0, lock_ttl_ms=300, peer_wait_s=10)
-    b = AnswerCache(RedisBackend(redis_server.url, 5.0), ttl_s=60, timeout_s=5.0, lock_ttl_ms=300, peer_wait_s=10)
-    computing = asyncio.Event()
 
     async def slow():
-        computing.set()
         await asyncio.sleep(2.0)
         return b"[slow]"
 
     async def own():
         return b"[own]"
 
-    async def scenario():
-        first = asyncio.ensure_future(a.get_or_compute("deadline-q", slow))
-        await computing.wait()
-        t0 = time.monotonic()
-        second = await b.get_or_compute("deadline-q", own, deadline=time.monotonic() + 0.3)
-        waited = time.monotonic() - t0
-        await first
-        await a.close()
-        await b.close()
-        return second, waited
-
-    second, waited = asyncio.run(scenario())
-    assert second.value == b"[own]" and waited < 1.5
+    outcome, second, waited = _holder_then_peer(redis_server.url, slow, own, deadline_s=0.3, lock_ttl_ms=300, peer_wait_s=10)
+    assert outcome == b"[slow]"
+    assert second.value == b"[own]" and not second.shared and waited < 1.5
 
 
 def test_only_the_owner_releases_a_lock(redis_server):
