@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shardqa.config import Settings
@@ -36,6 +37,9 @@ log = logging.getLogger(__name__)
 
 JSON = "application/json"
 ENDPOINTS = frozenset({"/v1/answer", "/v1/answer:batch", "/v1/index", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"})
+#: Where /docs loads Swagger UI's script and stylesheet from: the app itself,
+#: not a CDN, so the page works on a cluster without internet access.
+DOCS_ASSETS = "/docs/assets"
 #: Endpoints whose body is JSON.
 JSON_BODIES = frozenset({"/v1/answer", "/v1/answer:batch"})
 #: FastAPI's detail when it cannot decode a body it was told is JSON (invalid UTF-8, for one).
@@ -124,7 +128,7 @@ class RequestGate:
         finally:
             state = scope.get("state") or {}
             metrics.record_request(
-                path if path in ENDPOINTS else "unmatched", status_holder[0], time.perf_counter() - t0, bool(state.get("cached", False))
+                _endpoint_label(path), status_holder[0], time.perf_counter() - t0, bool(state.get("cached", False))
             )
 
     async def _read_body(self, scope, receive, send) -> bytes | None:
@@ -156,6 +160,12 @@ class RequestGate:
         await error_response(413, "request_too_large", f"the request body is larger than {self.max_body_bytes} bytes")(scope, receive, send)
 
 
+def _endpoint_label(path: str) -> str:
+    if path in ENDPOINTS:
+        return path
+    return "/docs" if path.startswith(DOCS_ASSETS + "/") else "unmatched"
+
+
 def _app_path(scope) -> str:
     """The path within the app: Serve (under a route prefix) keeps the
     prefix in `path` and puts it in `root_path` too."""
@@ -185,7 +195,9 @@ def create_api(service: QAService, settings: Settings) -> FastAPI:
         finally:
             await service.stop()
 
-    app = FastAPI(
+    app = FastAPIOffline(
+        redoc_url=None,
+        static_url=DOCS_ASSETS,
         lifespan=lifespan,
         title="shardqa",
         version="1",

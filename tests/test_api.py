@@ -178,6 +178,21 @@ def test_openapi_describes_the_api(client):
     json.dumps(doc)  # the document is plain JSON
 
 
+def test_docs_page_loads_swagger_ui_from_the_app_not_a_cdn(client):
+    import re
+
+    page = client.get("/docs").text
+    assets = re.findall(r"""(?:src|href)=['"]([^'"]+)['"]""", page)
+    scripts_and_styles = [a for a in assets if a.endswith((".js", ".css"))]
+    assert scripts_and_styles and all(a.startswith("/docs/assets/") for a in scripts_and_styles), assets
+    assert "cdn." not in page
+    for asset in scripts_and_styles:
+        r = client.get(asset)
+        assert r.status_code == 200 and len(r.content) > 10_000, asset
+    missing = client.get("/docs/assets/nope.js")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+
+
 def test_merge_ranks_on_span_logit_plus_route_prior_and_drops_repeated_texts():
     from shardqa.services.qa_service import merge_answers
     from shardqa.types import Answer, RoutedPassage, RouteResult
