@@ -98,7 +98,17 @@ class ShardDeployment:
         await self._load(self.worker.passages, version)
         return self.worker.status()
 
-    async def status(self) -> ShardStatus:
+    async def status(self, version: str | None = None) -> ShardStatus:
+        """What this replica holds. Given the ingress's `version`, a replica
+        that has not loaded it yet (its own refresh runs every
+        ``index_refresh_s``) loads it first: /readyz then reports whether
+        this replica can answer the version, not whether its refresh tick
+        happened to come before the probe."""
+        if version is not None and not self.worker.holds(version):
+            try:
+                await self._load(self.worker.passages, version)
+            except Exception as exc:  # reported as "does not hold it" by the caller
+                log.warning("shard %d: cannot load index version %s for a status check: %s", self.shard, version, exc)
         return self.worker.status()
 
     async def check_health(self) -> None:

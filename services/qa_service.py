@@ -410,9 +410,10 @@ class QAService:
 
         async def one(shard: int) -> dict:
             try:
-                st = await self.shards.status(shard, timeout_s)
+                st = await self.shards.status(shard, timeout_s, view.version if view is not None else None)
             except Exception as exc:
-                return {"shard": shard, "ready": False, "detail": f"no live replica ({type(exc).__name__})"}
+                detail = str(exc) if isinstance(exc, ShardQAError) else f"no live replica ({type(exc).__name__})"
+                return {"shard": shard, "ready": False, "detail": detail}
             ok = view is not None and view.version in st.versions
             return {"shard": shard, "ready": ok, "versions": list(st.versions), "passages": st.passages}
 

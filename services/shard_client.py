@@ -26,8 +26,9 @@ class ShardClient(Protocol):
         """Make (at least one replica of) `shard` hold `version`."""
         ...
 
-    async def status(self, shard: int, timeout_s: float) -> ShardStatus:
-        """Raises when no replica of the shard answers in time."""
+    async def status(self, shard: int, timeout_s: float, version: str | None = None) -> ShardStatus:
+        """What a replica of `shard` holds, after loading `version` if given and
+        missing; raises when no replica of the shard answers in time."""
         ...
 
 
@@ -54,8 +55,14 @@ class LocalShards:
         await self._run(worker.passages, version)
         return worker.status()
 
-    async def status(self, shard: int, timeout_s: float) -> ShardStatus:
-        return self.workers[shard].status()
+    async def status(self, shard: int, timeout_s: float, version: str | None = None) -> ShardStatus:
+        worker = self.workers[shard]
+        if version is not None and not worker.holds(version):
+            try:
+                await asyncio.wait_for(self._run(worker.passages, version), timeout_s)
+            except Exception:  # reported as "does not hold it" by the caller
+                pass
+        return worker.status()
 
 
 def transport_options(handle, transport: str):
@@ -123,5 +130,5 @@ class ServeShards:
     async def prepare(self, shard: int, version: str) -> ShardStatus:
         return await self._call(shard, "prepare", version)
 
-    async def status(self, shard: int, timeout_s: float) -> ShardStatus:
-        return await self._call(shard, "status", timeout_s=timeout_s)
+    async def status(self, shard: int, timeout_s: float, version: str | None = None) -> ShardStatus:
+        return await self._call(shard, "status", version, timeout_s=timeout_s)

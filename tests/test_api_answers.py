@@ -39,14 +39,14 @@ def served(tmp_path_factory):
     settings = settings_with({"model": str(TINY), "store": str(store_dir), "backend": "torch", "route_k": 3, "index_refresh_s": 0.2})
     reader = Reader.load(settings=settings, threads=1)
     store = open_store(str(store_dir))
-    workers = [ShardWorker(s, reader, store) for s in range(2)]
-    service = QAService.create(settings, LocalShards(workers))
+    shards = LocalShards([ShardWorker(s, reader, store) for s in range(2)])
+    service = QAService.create(settings, shards)
     with TestClient(create_api(service, settings)) as client:
         deadline = time.monotonic() + 60
         while client.get("/readyz").status_code != 200:
             assert time.monotonic() < deadline, client.get("/readyz").text
             time.sleep(0.1)
-        yield client, store, store_dir
+        yield client, store, store_dir, shards
 
 
 def check_answers(store, body: dict, top_k: int):
@@ -62,7 +62,7 @@ def check_answers(store, body: dict, top_k: int):
 
 
 def test_answers_point_into_their_documents(served):
-    client, store, _ = served
+    client, store, _, _ = served
     for q in QUESTIONS:
         r = client.post("/v1/answer", json={"question": q, "top_k": 3})
         assert r.status_code == 200, r.text
@@ -72,7 +72,7 @@ def test_answers_point_into_their_documents(served):
 
 
 def test_second_ask_is_cached_and_equal(served):
-    client, _, _ = served
+    client, _, _, _ = served
     q = "Who was the duke in the battle of Hastings?"
     first = client.post("/v1/answer", json={"question": q}).json()
     again = client.post("/v1/answer", json={"question": "  who was the DUKE in the battle of   Hastings? "}).json()
@@ -85,7 +85,7 @@ def test_control_and_invisible_characters_do_not_make_another_question(served):
     """The canonical question is what the tokenizer, the router and the cache
     key all read: a stray control character separates words as a space does,
     so the variant is the same question, answered from the cache."""
-    client, _, _ = served
+    client, _, _, _ = served
     q = "What is the name of the region in France where the Normans settled?"
     first = client.post("/v1/answer", json={"question": q}).json()
     variant = q.replace(" ", "\x1f", 3).replace("Normans", "Nor\u200bmans")
@@ -96,7 +96,7 @@ def test_control_and_invisible_characters_do_not_make_another_question(served):
 
 @pytest.mark.parametrize("question", ["\U0001f600", "\U0001f642 \U0001f643 \U0001f914", "?!", "\u0e3f\u0e3f?"])
 def test_questions_without_a_known_word_are_refused(served, question):
-    client, _, _ = served
+    client, _, _, _ = served
     r = client.post("/v1/answer", json={"question": question})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["code"] == "invalid_question"
@@ -106,7 +106,7 @@ def test_questions_without_a_known_word_are_refused(served, question):
 
 
 def test_batch_answers_in_order(served):
-    client, store, _ = served
+    client, store, _, _ = served
     single = [client.post("/v1/answer", json={"question": q}).json() for q in QUESTIONS[:3]]
     r = client.post("/v1/answer:batch", json={"questions": QUESTIONS[:3] + QUESTIONS[:1]})
     assert r.status_code == 200, r.text
@@ -118,7 +118,7 @@ def test_batch_answers_in_order(served):
 
 
 def test_index_info_and_readiness(served):
-    client, store, _ = served
+    client, store, _, _ = served
     info = client.get("/v1/index").json()
     m = store.manifest()
     assert info["version"] == m.version and info["shards"] == 2
@@ -129,10 +129,27 @@ def test_index_info_and_readiness(served):
     assert all(m.version in s["versions"] for s in ready["shards"])
 
 
+def test_readiness_loads_the_version_into_a_replica_that_lacks_it(served):
+    # A replica that replaced a dead one (or whose own refresh has not ticked
+    # since the ingress switched) holds no version yet: /readyz has it load the
+    # ingress's version instead of reporting the shard not ready.
+    client, _, _, shards = served
+    old = shards.workers[1]
+    fresh = ShardWorker(1, old.reader, old.store)
+    shards.workers[1] = fresh
+    try:
+        assert fresh.status().versions == ()
+        ready = client.get("/readyz")
+        assert ready.status_code == 200, ready.text
+        assert fresh.holds(ready.json()["index_version"])
+    finally:
+        shards.workers[1] = old
+
+
 def test_a_new_index_version_is_picked_up_and_never_serves_old_answers(served):
     from shardqa.preprocessing.build import build_index
 
-    client, store, store_dir = served
+    client, store, store_dir, _ = served
     q = QUESTIONS[0]
     old = client.post("/v1/answer", json={"question": q}).json()
     old_version = old["index_version"]
@@ -153,7 +170,7 @@ def test_an_index_with_another_shard_count_is_not_switched_to(served):
     2-shard service keeps answering from its current version."""
     from shardqa.preprocessing.build import build_index
 
-    client, store, store_dir = served
+    client, store, store_dir, _ = served
     serving = client.get("/v1/index").json()["version"]
     refused = build_index(SAMPLE, str(store_dir), 3, str(TINY)).version
     assert store.current_version() == refused
