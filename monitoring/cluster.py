@@ -32,6 +32,8 @@ from shardqa.errors import ShardQAError, one_line
 
 RAY_GROUP, RAY_VERSION, RAYSERVICES = "ray.io", "v1", "rayservices"
 APP_NAME = "shardqa"
+#: How long a finished reindex Job is kept (for its logs) before Kubernetes deletes it.
+REINDEX_JOB_TTL_S = 86400
 SHARD_PREFIX = "shard-"
 DASHBOARD_PORT = 8265
 SERVE_PORT = 8000
@@ -120,6 +122,20 @@ def default_namespace(context: str | None = None) -> str:
     return ((active or {}).get("context") or {}).get("namespace") or "default"
 
 
+def route_prefix(rs: dict[str, Any]) -> str:
+    """The shardqa application's route prefix in a RayService's serveConfigV2,
+    without a trailing slash ("" for "/")."""
+    import yaml
+
+    try:
+        config = yaml.safe_load((rs.get("spec") or {}).get("serveConfigV2") or "") or {}
+        apps = config.get("applications") or []
+        prefix = next((a.get("route_prefix") for a in apps if a.get("name") == APP_NAME), None) or "/"
+    except (yaml.YAMLError, AttributeError, TypeError):
+        prefix = "/"
+    return "/" + str(prefix).strip("/") if str(prefix).strip("/") else ""
+
+
 class ShardQACluster:
     """One shardqa release: the RayService `name` in `namespace`."""
 
@@ -163,8 +179,11 @@ class ShardQACluster:
         status, data = self._proxy_json(f"{self.name}-head-svc", DASHBOARD_PORT, "/api/serve/applications/")
         return data if status == 200 and isinstance(data, dict) else None
 
-    def readiness(self) -> tuple[int, dict[str, Any] | None]:
-        status, data = self._proxy_json(f"{self.name}-serve-svc", SERVE_PORT, "/readyz")
+    def readiness(self, rs: dict[str, Any] | None = None) -> tuple[int, dict[str, Any] | None]:
+        """The service's /readyz, under the application's route prefix (read
+        from the RayService, ``rs`` when the caller has it)."""
+        prefix = route_prefix(rs if rs is not None else self.rayservice())
+        status, data = self._proxy_json(f"{self.name}-serve-svc", SERVE_PORT, f"{prefix}/readyz")
         return status, data if isinstance(data, dict) else None
 
     def status(self) -> ClusterStatus:
@@ -217,7 +236,7 @@ class ShardQACluster:
             if shard.ready_replicas == 0:
                 result.problems.append(f"shard {shard.shard} has no ready replica")
 
-        code, body = self.readiness()
+        code, body = self.readiness(rs)
         if body is not None:
             result.index_version = body.get("index_version")
             result.index_shards = body.get("shards")
@@ -256,6 +275,9 @@ class ShardQACluster:
         metadata["name"] = job_name
         metadata["namespace"] = self.namespace
         metadata.setdefault("labels", {})[REINDEX_LABEL] = stamp
+        # Finished reindex Jobs (and their pods) go after a day instead of
+        # piling up; the version each built is recorded on the RayService.
+        job["spec"].setdefault("ttlSecondsAfterFinished", REINDEX_JOB_TTL_S)
         if corpus is not None:
             container = job["spec"]["template"]["spec"]["containers"][0]
             for env in container.setdefault("env", []):

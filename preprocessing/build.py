@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from shardqa.errors import CorpusError, ShardQAError
+from shardqa.errors import CorpusError, IndexNotFound, ShardQAError, TokenizerMismatch
 from shardqa.preprocessing.corpus import Document, read_corpus
 from shardqa.preprocessing.graph import pagerank, sentence_graph, transition_transposed
 from shardqa.preprocessing.passages import form_passages, sentence_token_counts
-from shardqa.preprocessing.store import IndexBundle, IndexManifest, IndexStore, new_version, open_store
+from shardqa.preprocessing.store import IndexBundle, IndexManifest, IndexStore, check_tokenizer, new_version, open_store
 from shardqa.preprocessing.terms import Analyzer
 from shardqa.types import Passage
 
@@ -42,6 +42,8 @@ class BuildResult:
     seconds: float
     phase_seconds: dict[str, float] = field(default_factory=dict)
     long_sentences: int = 0
+    #: Nothing was built: the build key matched and the current version was kept.
+    kept: bool = False
 
 
 def model_id_of(model: str | Path) -> str:
@@ -137,8 +139,13 @@ def build_index(
 def build_index_report(
     corpus_path, store_url=None, shards=None, tokenizer_model=None, *, window=None, stride=None,
     max_tokens=None, on_error="stop", keep=3, progress=False, tokenizer=None, segmenter="blingfire",
-    encoder="auto",
+    encoder="auto", build_key: str | None = None,
 ) -> BuildResult:
+    """``build_index``'s work, with what a report of it needs. With
+    ``build_key``, nothing is built when the last keyed build had the same key
+    and the current version still suits the shard count and the tokenizer
+    (``BuildResult.kept``); otherwise the key is recorded once the new version
+    is current."""
     from shardqa.config import get_settings
     from shardqa.tokenization import TextTokenizer
 
@@ -172,6 +179,12 @@ def build_index_report(
     store = store_url if isinstance(store_url, IndexStore) else open_store(store_url)
     if hasattr(store, "ping"):
         store.ping()
+    if build_key is not None:
+        if tokenizer is None:
+            tokenizer = TextTokenizer.from_pretrained(model)
+        kept = _kept_by_build_key(store, build_key, shards, tokenizer)
+        if kept is not None:
+            return BuildResult(kept, store.url, [], time.perf_counter() - t0, phases, kept=True)
     report = read_corpus(corpus_path, on_error=on_error)  # type: ignore[arg-type]
     docs: list[Document] = report.documents
     t = phase("read", t)
@@ -387,8 +400,24 @@ def build_index_report(
         dense=dense,
     )
     store.publish(bundle, keep=keep)
+    if build_key is not None:
+        store.set_build_key(build_key)
     phase("write", t)
     return BuildResult(manifest, store.url, report.problems, time.perf_counter() - t0, phases, long_sentences)
+
+
+def _kept_by_build_key(store: IndexStore, key: str, shards: int, tokenizer) -> IndexManifest | None:
+    """The current version's manifest when the last keyed build had ``key``
+    and that version still has ``shards`` shards and ``tokenizer``'s tokens
+    (a new serving image may bring another model); else None."""
+    if store.build_key() != key:
+        return None
+    try:
+        manifest = store.manifest()
+        check_tokenizer(manifest, tokenizer)
+    except (IndexNotFound, TokenizerMismatch):
+        return None
+    return manifest if manifest.shards == shards else None
 
 
 def _index_encoder(spec, settings):

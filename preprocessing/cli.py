@@ -23,6 +23,12 @@ def register(app: typer.Typer) -> None:
         keep: int = typer.Option(3, "--keep", min=1, help="versions to keep in the store (older ones are dropped)"),
         encoder: Optional[str] = typer.Option(None, "--encoder", help="dense encoder embedding the passages for the router: auto (the installed all-MiniLM-L6-v2), a folder, or none [default: SHARDQA_ROUTE_ENCODER]"),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+        build_key: Optional[str] = typer.Option(
+            None, "--build-key",
+            help="build only if the last build given a key was given another one (or the current version no longer "
+                 "suits --shards and the model); the Helm chart's upgrade hook passes a hash of its index values, so an "
+                 "upgrade that leaves them alone keeps the current version, even one `shardqa cluster reindex` made",
+        ),
     ) -> None:
         """Index a corpus: sentences, passages, sentence graph and ranking, shards, pre-tokenised passages; then make the new version current."""
         from rich.console import Console
@@ -37,8 +43,12 @@ def register(app: typer.Typer) -> None:
         result = build_index_report(
             corpus, store, shards, model, window=passage_sentences, stride=passage_stride,
             max_tokens=passage_max_tokens, on_error=on_error, keep=keep, progress=not quiet, segmenter=segmenter,
-            encoder="auto" if encoder is None else encoder,
+            encoder="auto" if encoder is None else encoder, build_key=build_key or None,
         )
+        if result.kept:
+            Console().print(f"index version [bold]{result.manifest.version}[/] stays current in {result.store_url}: "
+                            "the build key is the last keyed build's, so nothing was rebuilt", highlight=False)
+            return
         # soft_wrap: a skipped record or a warning is one line whatever the
         # width (grep-able in a log; Rich would cut it at 80 columns there).
         err = Console(stderr=True, soft_wrap=True)

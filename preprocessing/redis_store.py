@@ -7,6 +7,7 @@ Key layout (``P`` is the key prefix, ``shardqa`` unless the URL says
 
     P:current                       string: the current version (one SET switches it)
     P:versions                      sorted set: complete versions, scored by publication time
+    P:build-key                     string: the key of the last keyed build (``shardqa index --build-key``)
     P:v:V:keys                      set: every key of version V (written first, so a
                                     failed build can be cleaned up)
     P:v:V:manifest                  string: IndexManifest JSON (written after all data)
@@ -171,6 +172,13 @@ class RedisStore(IndexStore):
 
     def versions(self) -> list[str]:
         return [v.decode() for v in self._call(self._client.zrange, self._k("versions"), 0, -1)]
+
+    def build_key(self) -> str | None:
+        raw = self._call(self._client.get, self._k("build-key"))
+        return raw.decode() if raw else None
+
+    def set_build_key(self, key: str) -> None:
+        self._call(self._client.set, self._k("build-key"), key)
 
     def set_current(self, version: str) -> None:
         if not self._call(self._client.exists, self._vk(version, "manifest")):

@@ -173,6 +173,13 @@ class IndexStore(ABC):
     def drop_version(self, version: str) -> None:
         """Delete a version (never the current one)."""
 
+    @abstractmethod
+    def build_key(self) -> str | None:
+        """The key given to the last keyed build (``shardqa index --build-key``), if any."""
+
+    @abstractmethod
+    def set_build_key(self, key: str) -> None: ...
+
     # --- reading --------------------------------------------------------------
     @abstractmethod
     def _read_manifest(self, version: str) -> IndexManifest: ...
@@ -349,6 +356,18 @@ class DirectoryStore(IndexStore):
         if version == current:
             raise StoreError(f"version {version} is current; make another current before dropping it")
         shutil.rmtree(self._vdir(version), ignore_errors=True)
+
+    def build_key(self) -> str | None:
+        try:
+            return (self.root / "BUILD_KEY").read_text(encoding="utf-8").strip() or None
+        except FileNotFoundError:
+            return None
+
+    def set_build_key(self, key: str) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".BUILD_KEY.{os.getpid()}.{secrets.token_hex(4)}"
+        tmp.write_text(key + "\n", encoding="utf-8")
+        os.replace(tmp, self.root / "BUILD_KEY")
 
     def _read_manifest(self, version: str) -> IndexManifest:
         path = self._vdir(version) / "manifest.json"

@@ -115,6 +115,30 @@ def cluster(k8s) -> ShardQACluster:
 
 
 @pytest.mark.asyncio
+async def test_readiness_is_read_under_the_applications_route_prefix(k8s):
+    rs = rayservice({"ingress": "HEALTHY", "shard-0": "HEALTHY"})
+    rs["spec"]["serveConfigV2"] = "applications:\n- name: shardqa\n  route_prefix: /qa/\n  import_path: x:y\n"
+    k8s.objects[RAYSERVICE, NS, NAME] = rs
+    k8s[SERVE_API] << serve_details({"ingress": (1, 1), "shard-0": (1, 1)})
+    k8s[READYZ.replace("/proxy/readyz", "/proxy/qa/readyz")] << {"ready": True, "reason": None, "index_version": "v1", "shards": 1}
+
+    st = await asyncio.to_thread(cluster(k8s).status)
+    assert st.ready and (st.index_version, st.index_ready) == ("v1", True)
+
+
+def test_route_prefix_of_a_rayservice():
+    from shardqa.monitoring.cluster import route_prefix
+
+    def rs(config):
+        return {"spec": {"serveConfigV2": config}}
+
+    assert route_prefix({}) == ""
+    assert route_prefix(rs("applications:\n- name: shardqa\n  route_prefix: /\n")) == ""
+    assert route_prefix(rs("applications:\n- name: other\n  route_prefix: /x\n- name: shardqa\n  route_prefix: /a/b/\n")) == "/a/b"
+    assert route_prefix(rs(": not yaml [")) == ""
+
+
+@pytest.mark.asyncio
 async def test_status_of_a_healthy_release(k8s):
     k8s.objects[RAYSERVICE, NS, NAME] = rayservice({"ingress": "HEALTHY", "shard-0": "HEALTHY", "shard-1": "HEALTHY"})
     k8s[SERVE_API] << serve_details({"ingress": (2, 2), "shard-0": (2, 2), "shard-1": (1, 1)})
@@ -282,6 +306,7 @@ def test_job_names_are_valid_kubernetes_names():
     name = c.create_reindex_job(now=datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc))
     assert len(name) <= 63 and name.endswith("-reindex-20260102030405")
     assert FakeBatch.created["metadata"]["name"] == name
+    assert FakeBatch.created["spec"]["ttlSecondsAfterFinished"] == 86400  # finished reindex Jobs do not pile up
 
 
 @pytest.mark.asyncio

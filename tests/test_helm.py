@@ -456,11 +456,46 @@ def test_index_job_hook_and_reindex_template(case):
     container = job["spec"]["template"]["spec"]["containers"][0]
     assert "shardqa index" in container["command"][2]
     assert {"name": "SHARDQA_CORPUS", "value": "/home/ray/shardqa/samples/squad-dev-sample.json"} in container["env"]
+    # The hook builds only when its key changed (`shardqa index --build-key`).
+    assert "--build-key" in container["command"][2]
+    (key,) = [e["value"] for e in container["env"] if e["name"] == "SHARDQA_INDEX_BUILD_KEY"]
+    assert len(key) == 32
     (template,) = templates
     stored = json.loads(template["data"]["job.json"])
-    # The stored Job is the hook Job without the hook.
+    # The stored Job is the hook Job without the hook and its key: a reindex
+    # from the command line always builds.
+    container["env"] = [e for e in container["env"] if e["name"] != "SHARDQA_INDEX_BUILD_KEY"]
     assert stored["spec"] == job["spec"]
     assert "annotations" not in stored["metadata"]
+
+
+def _index_build_key(values: dict | None = None) -> str:
+    job = next(j for j in by_kind(render(values), "Job") if j["metadata"]["labels"]["app.kubernetes.io/component"] == "index")
+    env = job["spec"]["template"]["spec"]["containers"][0]["env"]
+    return next(e["value"] for e in env if e["name"] == "SHARDQA_INDEX_BUILD_KEY")
+
+
+def test_index_build_key_changes_only_with_what_the_index_is_built_from():
+    # An upgrade that changes only the image, the serving settings or the
+    # ingress keeps the key, so the hook keeps the current version (which may
+    # be a `cluster reindex` of another corpus); the index values change it.
+    default = _index_build_key()
+    for same in ({"image.tag": "0.2.0"}, {"serve.routeK": 8}, {"ingress.enabled": True}):
+        assert _index_build_key(same) == default, same
+    for changed in ({"index.corpus": "/data/other.jsonl"}, {"serve.shards": 2}, {"index.extraArgs": ["--passage-sentences", "2"]}):
+        assert _index_build_key(changed) != default, changed
+
+
+def test_serve_from_keeps_port_8000_open_to_the_operator_and_the_api_server_proxy():
+    clients = [{"namespaceSelector": {"matchLabels": {"team": "web"}}}]
+    proxy = [{"ipBlock": {"cidr": "10.0.0.1/32"}}]
+    docs = render({"networkPolicy.serveFrom": clients, "networkPolicy.dashboardFrom": proxy})
+    ray = next(p for p in by_kind(docs, "NetworkPolicy") if p["metadata"]["name"].endswith("-ray"))
+    (serve_rule,) = [r for r in ray["spec"]["ingress"] if {"port": 8000, "protocol": "TCP"} in r.get("ports", [])]
+    operator = render()  # the default operatorFrom
+    operator_peers = next(r for r in next(p for p in by_kind(operator, "NetworkPolicy") if p["metadata"]["name"].endswith("-ray"))
+                          ["spec"]["ingress"] if {"port": 52365, "protocol": "TCP"} in r.get("ports", []))["from"]
+    assert serve_rule["from"] == clients + operator_peers + proxy
 
 
 def test_network_policies_and_pdbs(case):
@@ -601,6 +636,7 @@ def test_value_defaults_match_settings():
         ({"serve.numGpusPerReplica": 1}, "needs gpuWorkers.enabled=true"),
         ({"redis.mode": "cluster", "redis.cluster.nodes": 4}, "at least 3 x (1 + replicasPerMaster)"),
         ({"redis.maxmemory": "lots"}, "/redis/maxmemory"),
+        ({"ingress.enabled": True, "ingress.hosts": []}, "needs at least one host in ingress.hosts"),
     ],
 )
 def test_bad_values_fail_at_install_time(values, message):
@@ -671,7 +707,7 @@ def test_ray_pods_get_only_the_env_their_processes_read():
         assert set(_env_names(specs[where])) == redis_env | {"SHARDQA_CACHE_TTL_S", "RAY_metrics_report_interval_ms"}, where
     job = specs["Job/rel-shardqa-index"]
     # The index build reads the shard count (and the model's tokenizer) from its environment.
-    assert set(_env_names(job)) == redis_env | {"SHARDQA_MODEL", "SHARDQA_CACHE_TTL_S", "SHARDQA_SHARDS", "SHARDQA_CORPUS"}
+    assert set(_env_names(job)) == redis_env | {"SHARDQA_MODEL", "SHARDQA_CACHE_TTL_S", "SHARDQA_SHARDS", "SHARDQA_CORPUS", "SHARDQA_INDEX_BUILD_KEY"}
     assert {"name": "SHARDQA_SHARDS", "value": "4"} in job["containers"][0]["env"]
 
 
@@ -700,6 +736,20 @@ def test_serve_and_target_changes_keep_the_ray_cluster(values, default_rayservic
     assert rs["spec"]["rayClusterConfig"] == default_rayservice["spec"]["rayClusterConfig"]
     changes_serve = any(key.startswith("serve.") for key in values)
     assert (rs["spec"]["serveConfigV2"] != default_rayservice["spec"]["serveConfigV2"]) is changes_serve
+
+
+def test_a_chart_version_bump_keeps_the_ray_cluster_and_redis_pods(tmp_path, default_rayservice):
+    import shutil
+
+    chart = tmp_path / "shardqa"
+    shutil.copytree(CHART, chart)
+    meta = yaml.safe_load((chart / "Chart.yaml").read_text())
+    meta["version"] = meta["version"] + "-next"
+    (chart / "Chart.yaml").write_text(yaml.safe_dump(meta))
+    bumped = [d for d in yaml.safe_load_all(run_helm("template", "rel", str(chart), "--namespace", "qa").stdout) if d]
+    assert the(bumped, "RayService")["spec"]["rayClusterConfig"] == default_rayservice["spec"]["rayClusterConfig"]
+    redis_pods = [s["spec"]["template"] for s in by_kind(bumped, "StatefulSet")]
+    assert redis_pods == [s["spec"]["template"] for s in by_kind(render(), "StatefulSet")]
 
 
 def _dashboard_rules(docs: list[dict]) -> list[dict]:

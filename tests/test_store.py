@@ -127,6 +127,33 @@ def test_store_suite(store_url, corpus, tokenizer):
 
 
 @pytest.mark.redis
+def test_a_keyed_build_is_skipped_while_its_key_is_the_last_keyed_builds(store_url, corpus, tokenizer):
+    # What the Helm chart's upgrade hook relies on: an upgrade that leaves the
+    # index values alone must not replace a version `cluster reindex` made.
+    from shardqa.preprocessing.build import build_index_report
+
+    def build(key, shards=2):
+        return build_index_report(corpus, store_url, shards, str(TINY), tokenizer=tokenizer, encoder=None, build_key=key)
+
+    store = open_store(store_url)
+    first = build("spec-1")
+    assert not first.kept and store.build_key() == "spec-1"
+    again = build("spec-1")
+    assert again.kept and again.manifest.version == first.manifest.version == store.current_version()
+
+    custom = build(None)  # a reindex: always builds, leaves the key alone
+    assert not custom.kept and store.current_version() == custom.manifest.version and store.build_key() == "spec-1"
+    upgrade = build("spec-1")
+    assert upgrade.kept and store.current_version() == custom.manifest.version
+
+    changed = build("spec-2")
+    assert not changed.kept and store.current_version() == changed.manifest.version and store.build_key() == "spec-2"
+    # The same key, but the current version no longer fits: built again.
+    reshard = build("spec-2", shards=3)
+    assert not reshard.kept and store.manifest().shards == 3
+    store.close()
+
+
 def test_cluster_keys_of_a_shard_share_one_slot(corpus, tokenizer):
     import redis
 

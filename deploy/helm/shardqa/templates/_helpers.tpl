@@ -27,6 +27,14 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: shardqa
 {{- end }}
 
+{{- /* Labels of long-lived pod templates (Ray pods, Redis): no chart or app
+version, since KubeRay answers any change of rayClusterConfig with a whole new
+Ray cluster, and a StatefulSet with a rolling restart. */}}
+{{- define "shardqa.podLabels" -}}
+{{ include "shardqa.selectorLabels" . }}
+app.kubernetes.io/part-of: shardqa
+{{- end }}
+
 {{- define "shardqa.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "shardqa.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
@@ -212,7 +220,7 @@ spec:
             - sh
             - -ec
             - |
-              shardqa index "$SHARDQA_CORPUS" --quiet "$@"
+              shardqa index "$SHARDQA_CORPUS" --quiet ${SHARDQA_INDEX_BUILD_KEY:+--build-key "$SHARDQA_INDEX_BUILD_KEY"} "$@"
               python -c 'from shardqa.monitoring.cluster import report_index_version; report_index_version()'
             - shardqa-index
             {{- range .Values.index.extraArgs }}
