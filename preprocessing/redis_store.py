@@ -96,7 +96,7 @@ class RedisStore(IndexStore):
                 from redis.cluster import ClusterNode, RedisCluster
 
                 nodes = [ClusterNode(host, port) for host, port in target.nodes]
-                self._client = RedisCluster(startup_nodes=nodes, ssl=target.ssl, **target.auth, **common)
+                self._client = RedisCluster(startup_nodes=nodes, ssl=target.ssl, **target.tls_options, **target.auth, **common)
             else:
                 self._client = redis.Redis.from_url(target.single_server_url(without=("prefix",)), **common)
         except StoreError:

@@ -175,7 +175,7 @@ class RedisBackend:
                 from redis.asyncio.cluster import ClusterNode
 
                 nodes = [ClusterNode(host, port) for host, port in target.nodes]
-                self._client = aioredis.RedisCluster(startup_nodes=nodes, ssl=target.ssl, **target.auth, **opts)
+                self._client = aioredis.RedisCluster(startup_nodes=nodes, ssl=target.ssl, **target.tls_options, **target.auth, **opts)
             else:
                 self._client = aioredis.Redis.from_url(self.url, **opts)
         return self._client

@@ -33,6 +33,14 @@ class RedisURL:
             out["password"] = self.password
         return out
 
+    @property
+    def tls_options(self) -> dict:
+        """TLS settings from the URL's query for a Redis Cluster client, which
+        (unlike ``from_url``) does not read them from a URL: the CA file of a
+        server certificate signed by a private CA."""
+        ca = self.query.get("ssl_ca_certs")
+        return {"ssl_ca_certs": ca[0]} if self.ssl and ca else {}
+
     def single_server_url(self, without: tuple[str, ...] = ()) -> str:
         """The URL for redis-py's ``from_url``, less the query keys it would
         not know (shardqa's own, such as ``prefix``)."""

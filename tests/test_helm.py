@@ -358,6 +358,21 @@ def test_only_the_autoscaling_head_mounts_the_api_token(autoscaling):
         assert spec["automountServiceAccountToken"] is (autoscaling and where.endswith("/head")), where
 
 
+@pytest.mark.parametrize("autoscaling", [True, False])
+def test_the_autoscaler_sidecar_gets_limits_and_the_security_context(autoscaling):
+    # KubeRay adds the sidecar itself, from autoscalerOptions only.
+    docs = render({"autoscaling": autoscaling})
+    cluster = the(docs, "RayService")["spec"]["rayClusterConfig"]
+    if not autoscaling:
+        assert "autoscalerOptions" not in cluster
+        return
+    options = cluster["autoscalerOptions"]
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert options["securityContext"] == head["securityContext"]
+    assert options["securityContext"]["allowPrivilegeEscalation"] is False
+    assert {"cpu", "memory"} <= options["resources"]["limits"].keys()
+
+
 def _pinned_ray_version() -> str:
     import tomllib
 
@@ -496,6 +511,21 @@ def test_serve_from_keeps_port_8000_open_to_the_operator_and_the_api_server_prox
     operator_peers = next(r for r in next(p for p in by_kind(operator, "NetworkPolicy") if p["metadata"]["name"].endswith("-ray"))
                           ["spec"]["ingress"] if {"port": 52365, "protocol": "TCP"} in r.get("ports", []))["from"]
     assert serve_rule["from"] == clients + operator_peers + proxy
+
+
+def test_redis_pods_prefer_separate_nodes_unless_told_otherwise():
+    (sts,) = by_kind(render({"redis.mode": "cluster"}), "StatefulSet")
+    pod = sts["spec"]["template"]
+    (term,) = pod["spec"]["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    selector = term["podAffinityTerm"]["labelSelector"]["matchLabels"]
+    assert selector.items() <= pod["metadata"]["labels"].items() and selector["app.kubernetes.io/component"] == "redis"
+    zones = [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "ScheduleAnyway",
+              "labelSelector": {"matchLabels": {"app.kubernetes.io/component": "redis"}}}]
+    own = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "disk", "operator": "In", "values": ["ssd"]}]}]}}}
+    (sts,) = by_kind(render({"redis.mode": "cluster", "redis.affinity": own, "redis.topologySpreadConstraints": zones}), "StatefulSet")
+    assert sts["spec"]["template"]["spec"]["affinity"] == own
+    assert sts["spec"]["template"]["spec"]["topologySpreadConstraints"] == zones
 
 
 def test_network_policies_and_pdbs(case):
@@ -673,6 +703,30 @@ def test_kubernetes_version_floor(kube, ok):
         assert any("unhealthyPodEvictionPolicy" in pdb["spec"] for pdb in pdbs)
     else:
         assert "kubeVersion" in result.stderr
+
+
+@pytest.mark.parametrize("cluster", [False, True])
+def test_external_redis_with_an_acl_user_and_a_private_ca(cluster):
+    from shardqa.redis_url import parse_redis_url
+
+    values = {"redis.mode": "external", "redis.external.host": "redis.data.svc", "redis.external.tls": True,
+              "redis.external.cluster": cluster, "redis.external.username": "shardqa",
+              "redis.external.caSecret": "redis-ca", "redis.auth.existingSecret": "shardqa-redis-auth"}
+    docs = render(values)
+    specs = dict(pod_specs(docs))
+    for where in ("rel-shardqa/head", "rel-shardqa/cpu", "Job/rel-shardqa-index"):
+        spec = specs[where]
+        container = spec["containers"][0]
+        url = next(e["value"] for e in container["env"] if e["name"] == "SHARDQA_STORE")
+        parsed = parse_redis_url(url.replace("$(REDIS_PASSWORD)", "pw"))
+        assert parsed.auth == {"username": "shardqa", "password": "pw"} and parsed.ssl and parsed.cluster is cluster
+        (ca_file,) = parsed.query["ssl_ca_certs"]
+        (mount,) = [m for m in container["volumeMounts"] if m["name"] == "redis-ca"]
+        assert ca_file == mount["mountPath"] + "/ca.crt" and mount["readOnly"] is True, where
+        (volume,) = [v for v in spec["volumes"] if v["name"] == "redis-ca"]
+        assert volume["secret"]["secretName"] == "redis-ca", where
+    result = run_helm("template", "rel", str(CHART), *set_args({**values, "redis.external.tls": False}), check=False)
+    assert result.returncode != 0 and "caSecret needs redis.external.tls=true" in result.stderr
 
 
 @pytest.mark.parametrize("tls, scheme", [(True, "rediss+cluster"), (False, "redis+cluster")])

@@ -85,12 +85,34 @@ redis://:$(REDIS_PASSWORD)@{{ include "shardqa.redis.fullname" . }}:6379/0
 redis+cluster://:$(REDIS_PASSWORD)@{{ join "," $nodes }}
 {{- else -}}
 {{- $e := $r.external -}}
+{{- $query := ternary (printf "?ssl_ca_certs=%s/ca.crt" (include "shardqa.redis.caDir" .)) "" (not (empty $e.caSecret)) -}}
 {{- if $e.cluster -}}
-{{ ternary "rediss+cluster" "redis+cluster" $e.tls }}://:$(REDIS_PASSWORD)@{{ $e.host }}:{{ $e.port }}
+{{ ternary "rediss+cluster" "redis+cluster" $e.tls }}://{{ $e.username }}:$(REDIS_PASSWORD)@{{ $e.host }}:{{ $e.port }}{{ $query }}
 {{- else -}}
-{{ ternary "rediss" "redis" $e.tls }}://:$(REDIS_PASSWORD)@{{ $e.host }}:{{ $e.port }}/{{ $e.db }}
+{{ ternary "rediss" "redis" $e.tls }}://{{ $e.username }}:$(REDIS_PASSWORD)@{{ $e.host }}:{{ $e.port }}/{{ $e.db }}{{ $query }}
 {{- end -}}
 {{- end -}}
+{{- end }}
+
+{{/* Where an external Redis's CA (redis.external.caSecret) is mounted. */}}
+{{- define "shardqa.redis.caDir" -}}
+/etc/shardqa/redis-ca
+{{- end }}
+
+{{/* The CA's volume mount and volume, as list items (nothing without a CA). */}}
+{{- define "shardqa.redis.caMount" -}}
+{{- if and (eq .Values.redis.mode "external") .Values.redis.external.caSecret }}
+- {name: redis-ca, mountPath: {{ include "shardqa.redis.caDir" . }}, readOnly: true}
+{{- end }}
+{{- end }}
+
+{{- define "shardqa.redis.caVolume" -}}
+{{- if and (eq .Values.redis.mode "external") .Values.redis.external.caSecret }}
+- name: redis-ca
+  secret:
+    secretName: {{ .Values.redis.external.caSecret }}
+    items: [{key: ca.crt, path: ca.crt}]
+{{- end }}
 {{- end }}
 
 {{/* Env of every pod that talks to Redis. */}}
@@ -147,6 +169,7 @@ securityContext:
   {{- include "shardqa.securityContext" $root | nindent 2 }}
 volumeMounts:
   - {name: ray-logs, mountPath: /tmp/ray}
+  {{- include "shardqa.redis.caMount" $root | nindent 2 }}
 {{- end }}
 
 {{/* A CPU quantity ("2", 2, "1500m", 0.5; values.schema.json admits these
@@ -243,12 +266,20 @@ spec:
             {{- toYaml .Values.index.resources | nindent 12 }}
           securityContext:
             {{- include "shardqa.securityContext" . | nindent 12 }}
-          {{- with .Values.index.extraVolumeMounts }}
+          {{- $mounts := include "shardqa.redis.caMount" . }}
+          {{- if or $mounts .Values.index.extraVolumeMounts }}
           volumeMounts:
+            {{- $mounts | nindent 12 }}
+            {{- with .Values.index.extraVolumeMounts }}
             {{- toYaml . | nindent 12 }}
+            {{- end }}
           {{- end }}
-      {{- with .Values.index.extraVolumes }}
+      {{- $volumes := include "shardqa.redis.caVolume" . }}
+      {{- if or $volumes .Values.index.extraVolumes }}
       volumes:
+        {{- $volumes | nindent 8 }}
+        {{- with .Values.index.extraVolumes }}
         {{- toYaml . | nindent 8 }}
+        {{- end }}
       {{- end }}
 {{- end }}
