@@ -139,8 +139,10 @@ def overview() -> dict[str, Any]:
             [{"color": "blue", "value": None}],
         ),
         _stat(
-            "5xx ratio",
-            f'sum(rate(shardqa_requests_total{{status=~"5.."}}[{RATE_WINDOW}])) / sum(rate(shardqa_requests_total[{RATE_WINDOW}]))',
+            # The questions the error-ratio alert judges: answer calls, not probes or /metrics.
+            "5xx ratio of answer calls",
+            f'sum(rate(shardqa_requests_total{{endpoint=~"/v1/answer.*",status=~"5.."}}[{RATE_WINDOW}]))'
+            f' / sum(rate(shardqa_requests_total{{endpoint=~"/v1/answer.*"}}[{RATE_WINDOW}]))',
             "percentunit",
             [{"color": "green", "value": None}, {"color": "red", "value": 0.01}],
         ),
@@ -281,7 +283,7 @@ def overview() -> dict[str, Any]:
         ),
         _timeseries(
             "Healthy Serve replicas per deployment",
-            [_target("sum by (application, deployment) (ray_serve_deployment_replica_healthy)", "{{deployment}}", "A")],
+            [_target('sum by (application, deployment) (ray_serve_deployment_replica_healthy{application="shardqa"})', "{{deployment}}", "A")],
             "short",
             "From the Ray Serve controller; a shard or ingress deployment at zero fires ShardQADeploymentWithoutHealthyReplicas.",
         ),

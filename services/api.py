@@ -7,6 +7,7 @@ cannot answer yet gets 503, and a bug gets a bare 500 — never a stack trace.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -40,6 +41,9 @@ ENDPOINTS = frozenset({"/v1/answer", "/v1/answer:batch", "/v1/index", "/healthz"
 #: Where /docs loads Swagger UI's script and stylesheet from: the app itself,
 #: not a CDN, so the page works on a cluster without internet access.
 DOCS_ASSETS = "/docs/assets"
+#: The status recorded for a request whose client went away before the
+#: answer (nginx's convention; never sent, since nobody is listening).
+CLIENT_CLOSED = 499
 #: Endpoints whose body is JSON.
 JSON_BODIES = frozenset({"/v1/answer", "/v1/answer:batch"})
 #: FastAPI's detail when it cannot decode a body it was told is JSON (invalid UTF-8, for one).
@@ -92,7 +96,7 @@ class RequestGate:
             return await self.app(scope, receive, send)
         t0 = time.perf_counter()
         path = _app_path(scope)
-        status_holder = [500]
+        status_holder: list[int | None] = [None]
 
         async def send_recording(message):
             if message["type"] == "http.response.start":
@@ -125,10 +129,22 @@ class RequestGate:
                 await self.app(scope, replay, send_recording)
             else:
                 await self.app(scope, receive, send_recording)
+        except asyncio.CancelledError:
+            # The client hung up mid-answer (Serve cancels the request): not
+            # an error of the service's, and no 5xx for the error-ratio alert.
+            if status_holder[0] is None:
+                status_holder[0] = CLIENT_CLOSED
+            raise
+        except BaseException:
+            if status_holder[0] is None:
+                status_holder[0] = 500
+            raise
         finally:
             state = scope.get("state") or {}
+            # No response and no exception: the client went away while its body was read.
+            status = status_holder[0] if status_holder[0] is not None else CLIENT_CLOSED
             metrics.record_request(
-                _endpoint_label(path), status_holder[0], time.perf_counter() - t0, bool(state.get("cached", False))
+                _endpoint_label(path), status, time.perf_counter() - t0, bool(state.get("cached", False))
             )
 
     async def _read_body(self, scope, receive, send) -> bytes | None:

@@ -78,12 +78,13 @@ def test_record_request_counts_and_observes_latency():
     assert delta(before, after, "shardqa_requests_total", endpoint="/v1/answer", status="200", cached="true") == 1
     assert delta(before, after, "shardqa_requests_total", endpoint="/v1/answer", status="422", cached="false") == 1
     uncached = {"endpoint": "/v1/answer", "cached": "false"}
-    assert delta(before, after, "shardqa_request_duration_seconds_count", **uncached) == 2
-    assert delta(before, after, "shardqa_request_duration_seconds_sum", **uncached) == pytest.approx(0.0043)
-    # 4.2 ms falls in (4 ms, 5 ms]; 0.1 ms in the first bucket.
-    assert delta(before, after, "shardqa_request_duration_seconds_bucket", le="0.004", **uncached) == 1
-    assert delta(before, after, "shardqa_request_duration_seconds_bucket", le="0.005", **uncached) == 2
-    assert delta(before, after, "shardqa_request_duration_seconds_bucket", le="+Inf", **uncached) == 2
+    # Only answered (2xx) requests are timed: an instant 422 would pull the quantiles down.
+    assert delta(before, after, "shardqa_request_duration_seconds_count", **uncached) == 1
+    assert delta(before, after, "shardqa_request_duration_seconds_sum", **uncached) == pytest.approx(0.0042)
+    # 4.2 ms falls in (4 ms, 5 ms].
+    assert delta(before, after, "shardqa_request_duration_seconds_bucket", le="0.004", **uncached) == 0
+    assert delta(before, after, "shardqa_request_duration_seconds_bucket", le="0.005", **uncached) == 1
+    assert delta(before, after, "shardqa_request_duration_seconds_bucket", le="+Inf", **uncached) == 1
     cached = {"endpoint": "/v1/answer", "cached": "true"}
     assert delta(before, after, "shardqa_request_duration_seconds_bucket", le="0.0005", **cached) == 0
     assert delta(before, after, "shardqa_request_duration_seconds_bucket", le="0.001", **cached) == 1
@@ -216,3 +217,41 @@ def test_index_info_shows_only_the_current_index():
 def test_a_plain_process_does_not_use_ray():
     metrics.record_cache("miss")
     assert metrics._ray_metrics() is None
+
+
+def test_a_client_that_hangs_up_is_counted_as_499_not_as_a_5xx():
+    import asyncio
+
+    from shardqa.services.api import RequestGate
+
+    async def never_answers(scope, receive, send):
+        await asyncio.sleep(10)
+
+    async def gone():
+        return {"type": "http.disconnect"}
+
+    async def whole_body():
+        return {"type": "http.request", "body": b"{}"}
+
+    async def sent(message):
+        raise AssertionError("nothing is sent to a client that left")
+
+    def scope(path):
+        return {"type": "http", "method": "POST", "path": path, "root_path": "",
+                "headers": [(b"content-type", b"application/json")]}
+
+    async def scenario():
+        gate = RequestGate(never_answers, max_body_bytes=1000)
+        await gate(scope("/v1/answer"), gone, sent)  # hung up while its body was read
+        task = asyncio.create_task(gate(scope("/v1/answer"), whole_body, sent))
+        await asyncio.sleep(0.05)
+        task.cancel()  # what Serve does when the client goes away mid-answer
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    before = scrape()
+    asyncio.run(scenario())
+    after = scrape()
+    assert delta(before, after, "shardqa_requests_total", endpoint="/v1/answer", status="499", cached="false") == 2
+    assert delta(before, after, "shardqa_requests_total", endpoint="/v1/answer", status="500", cached="false") == 0
+    assert delta(before, after, "shardqa_request_duration_seconds_count", endpoint="/v1/answer", cached="false") == 0
