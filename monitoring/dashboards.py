@@ -233,7 +233,7 @@ def overview() -> dict[str, Any]:
             "short",
         ),
         _timeseries(
-            "Shards touched per request",
+            "Shards read per request",
             [
                 _target(
                     f"sum(rate(shardqa_shard_calls_total[{RATE_WINDOW}])) / sum(rate(shardqa_shards_touched_count[{RATE_WINDOW}]))",
@@ -245,7 +245,7 @@ def overview() -> dict[str, Any]:
             "short",
         ),
         _timeseries(
-            "Routing score of the winning passage",
+            "Routing score of the best-routed passage",
             [
                 _target(_quantile(0.5, "shardqa_route_score", ""), "p50", "A"),
                 _target(_quantile(0.05, "shardqa_route_score", ""), "p5", "B"),

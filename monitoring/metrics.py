@@ -115,17 +115,17 @@ SHARD_QUESTIONS = MetricSpec(
     "shardqa_shard_questions_total", "counter", "Questions read by one shard (the sum of its batch sizes)", ("shard",)
 )  # fmt: skip
 SHARD_CALLS = MetricSpec(
-    "shardqa_shard_calls_total", "counter", "Shard calls made by the ingress (the sum of shards touched per request)"
+    "shardqa_shard_calls_total", "counter", "Shard calls made by the ingress (the sum of shards read per request)"
 )  # fmt: skip
 SHARDS_TOUCHED = MetricSpec(
-    "shardqa_shards_touched", "histogram", "Shards a request was routed to", (), SHARDS_TOUCHED_BUCKETS
+    "shardqa_shards_touched", "histogram", "Shards whose passages an uncached request read", (), SHARDS_TOUCHED_BUCKETS
 )  # fmt: skip
 SHARD_INFLIGHT = MetricSpec(
     "shardqa_shard_inflight_requests", "gauge", "Requests in flight to one shard", ("shard",)
 )  # fmt: skip
 ERRORS = MetricSpec("shardqa_errors_total", "counter", "Failed requests by error code", ("code",))
 ROUTE_SCORE = MetricSpec(
-    "shardqa_route_score", "histogram", "Routing score of the winning passage", (), ROUTE_SCORE_BUCKETS
+    "shardqa_route_score", "histogram", "Routing score of the best-routed passage", (), ROUTE_SCORE_BUCKETS
 )  # fmt: skip
 ROUTES = MetricSpec(
     "shardqa_routes_total", "counter", "Questions routed, by whether the dense question encoder ran (true/false)",

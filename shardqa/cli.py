@@ -130,7 +130,7 @@ def main() -> None:
 
 #: SHARDQA_* variables that are not settings: read by a test, a script or
 #: the chart's index Job, or SHARDQA_DEBUG above.
-NOT_SETTINGS = frozenset({"SHARDQA_DEBUG", "SHARDQA_CORPUS", "SHARDQA_HELM", "SHARDQA_TERMINATION_LOG"})
+NOT_SETTINGS = frozenset({"SHARDQA_DEBUG", "SHARDQA_CORPUS", "SHARDQA_INDEX_BUILD_KEY", "SHARDQA_HELM", "SHARDQA_TERMINATION_LOG"})
 
 
 def _warn_unknown_settings() -> None:

@@ -490,6 +490,19 @@ def _index_build_key(values: dict | None = None) -> str:
     return next(e["value"] for e in env if e["name"] == "SHARDQA_INDEX_BUILD_KEY")
 
 
+def test_every_shardqa_variable_the_chart_sets_is_a_setting_or_known_to_the_cli():
+    # Else `shardqa` warns in the pods' logs that the variable is ignored.
+    from shardqa.cli import NOT_SETTINGS
+    from shardqa.config import Settings
+
+    settings = {f"SHARDQA_{name.upper()}" for name in Settings.model_fields}
+    docs = render({"serve.extraEnv": {"SHARDQA_CACHE_TTL_S": "600"}, "serve.model": "/models/qa"})
+    for where, spec in pod_specs(docs):
+        for name in _env_names(spec):
+            if name.startswith("SHARDQA_"):
+                assert name in settings or name in NOT_SETTINGS, (where, name)
+
+
 def test_index_build_key_changes_only_with_what_the_index_is_built_from():
     # An upgrade that changes only the image, the serving settings or the
     # ingress keeps the key, so the hook keeps the current version (which may
