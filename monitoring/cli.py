@@ -7,6 +7,8 @@ from contextlib import contextmanager
 
 import typer
 
+from shardqa.cli_options import finite
+
 cluster_app = typer.Typer(
     name="cluster",
     help="Status and reindexing of shardqa on Kubernetes (KubeRay RayService installed by the Helm chart).",
@@ -80,8 +82,8 @@ def reindex(
     name: str = NAME,
     context: str = CONTEXT,
     corpus: str = typer.Option(None, "--corpus", help="corpus path inside the image or a mounted volume; default: the chart's"),
-    job_timeout: float = typer.Option(3600.0, "--job-timeout", min=1, help="seconds to wait for the index Job"),
-    switch_timeout: float = typer.Option(120.0, "--switch-timeout", min=1, help="seconds to wait for the service to switch"),
+    job_timeout: float = typer.Option(3600.0, "--job-timeout", min=1, callback=finite, help="seconds to wait for the index Job"),
+    switch_timeout: float = typer.Option(120.0, "--switch-timeout", min=1, callback=finite, help="seconds to wait for the service to switch"),
 ) -> None:
     """Build a new index version in a Job, wait for it, and wait until the service switches to it."""
     with _reaching_the_cluster():

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from shardqa.config import MAX_SHARDS
 from shardqa.errors import CorpusError, IndexNotFound, ShardQAError, TokenizerMismatch
 from shardqa.preprocessing.corpus import Document, read_corpus
 from shardqa.preprocessing.graph import pagerank, sentence_graph, transition_transposed
@@ -154,8 +155,8 @@ def build_index_report(
     window = settings.passage_sentences if window is None else int(window)
     stride = getattr(settings, "passage_stride", DEFAULT_STRIDE) if stride is None else int(stride)
     max_tokens = settings.passage_max_tokens if max_tokens is None else int(max_tokens)
-    if shards < 1:
-        raise ShardQAError("--shards must be at least 1")
+    if not 1 <= shards <= MAX_SHARDS:
+        raise ShardQAError(f"--shards must be between 1 and {MAX_SHARDS}")
     if window < 1 or stride < 1 or stride > window:
         raise ShardQAError("passage windows need 1 <= stride <= sentences")
     if max_tokens < 16:

@@ -7,13 +7,15 @@ from typing import Optional
 
 import typer
 
+from shardqa.config import MAX_SHARDS
+
 
 def register(app: typer.Typer) -> None:
     @app.command("index")
     def index(
         corpus: Path = typer.Argument(..., help="JSONL (id,title,text), SQuAD-format JSON, or a folder of .txt/.md files"),
         store: Optional[str] = typer.Option(None, "--store", "-s", help="index directory or redis://, rediss://, redis+cluster://host:port URL [default: SHARDQA_STORE]"),
-        shards: Optional[int] = typer.Option(None, "--shards", "-n", min=1, help="number of shards [default: SHARDQA_SHARDS]"),
+        shards: Optional[int] = typer.Option(None, "--shards", "-n", min=1, max=MAX_SHARDS, help="number of shards [default: SHARDQA_SHARDS]"),
         model: Optional[str] = typer.Option(None, "--model", "-m", help="model directory whose tokenizer pre-tokenises passages [default: SHARDQA_MODEL]"),
         passage_sentences: Optional[int] = typer.Option(None, "--passage-sentences", min=1, help="sentences per passage window [default: SHARDQA_PASSAGE_SENTENCES]"),
         passage_stride: Optional[int] = typer.Option(None, "--passage-stride", min=1, help="sentences between window starts (< sentences: windows overlap) [default: 2]"),
@@ -83,8 +85,9 @@ def register(app: typer.Typer) -> None:
         if empty:
             # A group (a document, or an article's paragraphs) stays whole on
             # one shard; a fixed shard count may outnumber a small corpus's.
+            listed = ", ".join(map(str, empty[:10])) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
             err.print(f"[yellow]warning:[/] {len(empty)} of {m.shards} shards hold no passage (shards "
-                      f"{', '.join(map(str, empty))}): the corpus has fewer document groups than shards, and a group "
+                      f"{listed}): the corpus has fewer document groups than shards, and a group "
                       f"is never split; their deployments will have nothing to read", highlight=False, markup=True)
         phases = " ".join(f"{k} {v:.1f}s" for k, v in result.phase_seconds.items())
         con.print(f"model {m.model} (tokenizer {m.tokenizer_fingerprint}) · {result.seconds:.1f} s ({phases})", highlight=False)

@@ -471,4 +471,7 @@ def open_store(url: str | os.PathLike | None = None) -> IndexStore:
         text = text[len("file://"):]
     elif scheme:
         raise StoreError(f"unknown store URL scheme {scheme!r}: use a directory path, redis://, rediss:// or redis+cluster://")
+    if not text.strip():
+        # Path("") is the working directory: an index would land among its files.
+        raise StoreError("the index store is empty: name a directory or a Redis URL (--store or SHARDQA_STORE)")
     return DirectoryStore(text)

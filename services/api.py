@@ -72,7 +72,9 @@ def _describe_validation(exc: RequestValidationError) -> tuple[int, str, str]:
         return 422, "validation_error", 'the request body must be a JSON object, like {"question": "..."}'
     parts = []
     for e in errors[:5]:
-        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
+        # A field named "" is named as such; a 30,000-character one is not echoed whole.
+        where = tuple(e.get("loc", ()))
+        loc = ".".join(_field_name(x) for x in (where[1:] if where[:1] == ("body",) else where)) or "body"
         msg = e.get("msg", "invalid value")
         if e.get("type") == "extra_forbidden":
             msg = "unknown field"
@@ -80,6 +82,13 @@ def _describe_validation(exc: RequestValidationError) -> tuple[int, str, str]:
             msg = "field required"
         parts.append(f"{loc}: {msg}")
     return 422, "validation_error", "; ".join(parts)
+
+
+def _field_name(part) -> str:
+    name = str(part)
+    if not name:
+        return '""'
+    return name if len(name) <= 60 else name[:57] + "..."
 
 
 class RequestGate:
@@ -231,7 +240,9 @@ def create_api(service: QAService, settings: Settings) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException):
         if exc.status_code == 400 and exc.detail == _UNDECODABLE_BODY:
-            return error_response(400, "invalid_json", "the request body is not valid JSON text (it must be UTF-8 encoded)")
+            return error_response(400, "invalid_json", "the request body is not JSON the service can read: it must be "
+                                                       "UTF-8 text, nested at most a few hundred levels, with numbers "
+                                                       "of at most 4,300 digits")
         code = _STATUS_CODES.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, str(exc.detail))
 
@@ -282,6 +293,11 @@ def create_api(service: QAService, settings: Settings) -> FastAPI:
     async def prometheus_metrics():
         body, content_type = metrics.metrics_response()
         return Response(body, media_type=content_type)
+
+    # HEAD as the same GET (the server sends no body): uptime checkers and
+    # load balancers probe with it. Left out of the OpenAPI document.
+    for path, endpoint in (("/v1/index", index), ("/healthz", healthz), ("/readyz", readyz), ("/metrics", prometheus_metrics)):
+        app.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False)
 
     app.add_middleware(RequestGate, max_body_bytes=settings.max_body_bytes)
     return app

@@ -13,6 +13,8 @@ from typing import Any, Optional
 
 import typer
 
+from shardqa.cli_options import finite
+
 
 def _results_dir(path: Path, what: str = "--out") -> Path:
     """`path`, made now: a run's figures must not be lost at the end to a
@@ -297,8 +299,8 @@ def register(app: typer.Typer) -> None:
         baseline_limit: Optional[int] = typer.Option(None, "--baseline-limit", min=1, help="questions for the baseline [default: --limit]"),
         model: Optional[str] = typer.Option(None, "--model", help="model for the baseline [default: the service's model]"),
         corpus: Optional[Path] = typer.Option(None, "--corpus", help="SQuAD-format JSON whose paragraphs the baseline searches [default: --questions]"),
-        timeout: float = typer.Option(30.0, "--timeout", min=0.1, help="per-request timeout, seconds"),
-        ready_timeout: float = typer.Option(60.0, "--ready-timeout", min=0, help="wait this long for /readyz"),
+        timeout: float = typer.Option(30.0, "--timeout", min=0.1, callback=finite, help="per-request timeout, seconds"),
+        ready_timeout: float = typer.Option(60.0, "--ready-timeout", min=0, callback=finite, help="wait this long for /readyz"),
         out: Path = typer.Option(Path("benchmarks/results"), "--out", help="directory for bench.json, bench.md, bench.png"),
         as_json: bool = typer.Option(False, "--json", help="print the result as one JSON object"),
     ) -> None:
@@ -335,7 +337,7 @@ def register(app: typer.Typer) -> None:
         runs: int = typer.Option(200, "--runs", min=1, help="timed calls per backend and length"),
         questions: Optional[Path] = typer.Option(None, "--questions", help="SQuAD-format JSON [default: SQuAD v1.1 dev]"),
         f1_questions: int = typer.Option(200, "--f1-questions", min=0, help="questions for the gold-paragraph EM/F1 per backend (0: skip)"),
-        threads: Optional[int] = typer.Option(None, "--threads", min=0, help="intra-op threads per backend [default: Settings.threads]"),
+        threads: Optional[int] = typer.Option(None, "--threads", min=0, max=256, help="intra-op threads per backend [default: Settings.threads]"),
         out: Path = typer.Option(Path("benchmarks/results"), "--out", help="directory for reader.json, reader.md, reader.png"),
         as_json: bool = typer.Option(False, "--json", help="print the result as one JSON object"),
     ) -> None:
@@ -384,8 +386,8 @@ def register(app: typer.Typer) -> None:
         ray_address: Optional[str] = typer.Option(None, "--ray-address", help="the service's Ray cluster (`auto`: the one on this machine): also measure one shard call's hop (Serve handle vs bare Ray vs in-process read)"),
         hop_calls: int = typer.Option(200, "--hop-calls", min=1, help="timed calls per row of the hop measurement"),
         profile_pid: Optional[int] = typer.Option(None, "--profile-pid", help="the service's process id: py-spy profiles it when a target is missed"),
-        profile_seconds: float = typer.Option(20.0, "--profile-seconds", min=1, help="how long to profile"),
-        ready_timeout: float = typer.Option(300.0, "--ready-timeout", min=0, help="wait this long for the service's /readyz"),
+        profile_seconds: float = typer.Option(20.0, "--profile-seconds", min=1, callback=finite, help="how long to profile"),
+        ready_timeout: float = typer.Option(300.0, "--ready-timeout", min=0, callback=finite, help="wait this long for the service's /readyz"),
         setup_command: Optional[list[str]] = typer.Option(None, "--setup-command", help="a command that prepared this run (index, serve), listed in BENCHMARKS.md; repeatable"),
         out: Optional[Path] = typer.Option(None, "--out", help="results directory [default: <repo>/benchmarks/results]"),
         markdown: Optional[Path] = typer.Option(None, "--markdown", help="the report to write [default: <repo>/BENCHMARKS.md]"),
@@ -519,4 +521,14 @@ def register(app: typer.Typer) -> None:
         out = out or REPO_ROOT / "benchmarks" / "results"
         if not (out / "bench.json").exists() and not (out / "reader.json").exists():
             raise BenchError(f"no results in {out}: run `shardqa bench-all` first")
-        typer.echo(f"wrote {write_benchmarks_md(out, markdown or REPO_ROOT / 'BENCHMARKS.md')}")
+        target = markdown or REPO_ROOT / "BENCHMARKS.md"
+        if target.is_dir() or not target.parent.is_dir():
+            raise BenchError(f"--markdown {target}: not a file in an existing folder")
+        try:
+            written = write_benchmarks_md(out, target)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+            # A hand-edited or older-version result file: say which folder,
+            # not a traceback (a JSONDecodeError is a ValueError).
+            raise BenchError(f"the results in {out} are not what `shardqa bench-all` writes "
+                             f"({type(exc).__name__}: {exc}); run it again") from None
+        typer.echo(f"wrote {written}")

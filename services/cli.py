@@ -49,6 +49,10 @@ def register(app: typer.Typer) -> None:
         text = context if context is not None else read_context_file(context_file)
         if not text.strip():
             raise fail("the context is empty")
+        from shardqa.services.answer_cache import canonical_question
+
+        if not canonical_question(text):
+            raise fail("the context is empty (it has only control or invisible characters)")
         t0 = time.perf_counter()
         reader = Reader.load(model, backend)
         loaded = time.perf_counter()

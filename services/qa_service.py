@@ -25,7 +25,7 @@ from functools import partial
 from itertools import chain
 
 from shardqa.config import Settings
-from shardqa.errors import InvalidQuestion, InvalidRequest, ServiceUnavailable, ShardQAError, TokenizerMismatch
+from shardqa.errors import InvalidRequest, ServiceUnavailable, ShardQAError, TokenizerMismatch
 from shardqa.monitoring import metrics
 from shardqa.services.answer_cache import AnswerCache, cache_key, canonical_question, normalise_question
 from shardqa.services.questions import QuestionChecker
@@ -277,10 +277,7 @@ class QAService:
     def _canonical(self, question: str) -> str:
         """The checked question as every stage reads it (answer_cache.canonical_question)."""
         self.checker.check_text(question)
-        text = canonical_question(question)
-        if not text:
-            raise InvalidQuestion("the question is empty (it has only control or invisible characters)")
-        return text
+        return canonical_question(question)
 
     async def answer(self, question: str, top_k: int = 1) -> Outcome:
         t0 = time.perf_counter()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from shardqa.config import Settings
 from shardqa.errors import InvalidQuestion, QuestionTooLong
+from shardqa.services.answer_cache import canonical_question
 from shardqa.tokenization import TextTokenizer, not_unicode_at
 from shardqa.types import TokenizedText
 
@@ -32,6 +33,8 @@ def check_question_text(question: str, max_chars: int) -> None:
     at = not_unicode_at(question)
     if at is not None:
         raise InvalidQuestion(f"the question is not valid Unicode text (lone surrogate at character {at})")
+    if not canonical_question(question):
+        raise InvalidQuestion("the question is empty (it has only control or invisible characters)")
 
 
 class QuestionChecker:

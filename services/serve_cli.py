@@ -147,10 +147,12 @@ def register(app: typer.Typer) -> None:
             from shardqa.cli import fail
 
             raise fail(f"the question is not valid Unicode text (a byte that is not UTF-8 at character {at})")
-        if url is None:
-            from shardqa.config import get_settings
+        from shardqa.config import get_settings
+        from shardqa.services.questions import check_question_text
 
-            s = get_settings()
+        s = get_settings()
+        check_question_text(question, s.max_question_chars)  # named here, not as an unreachable service
+        if url is None:
             url = f"http://{s.host}:{s.port}"
         t0 = time.perf_counter()
         body = ask(url, question, top_k=top_k, timeout_s=timeout)

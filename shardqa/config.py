@@ -20,6 +20,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 #: container image with the source tree), where the shipped model lives.
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "shardqa-minilm-l6-squad1"
+#: The most shards an index may have.
+MAX_SHARDS = 1024
 DEFAULT_SAMPLE_CORPUS = REPO_ROOT / "samples" / "squad-dev-sample.json"
 
 Backend = Literal["torch", "onnx", "onnx-int8"]
@@ -59,7 +61,9 @@ class Settings(BaseSettings):
 
     # --- index and routing --------------------------------------------------------
     store: str = Field("./shardqa-index", min_length=1, description="index store: a directory, redis://, rediss:// or redis+cluster:// URL")
-    shards: int = Field(4, ge=1, description="shards to build when indexing")
+    # Each shard is a Serve deployment and a Redis hash tag; thousands are
+    # never meant (and a typo of 100000 would write a folder per shard).
+    shards: int = Field(4, ge=1, le=MAX_SHARDS, description="shards to build when indexing")
     passage_sentences: int = Field(3, ge=1, description="sentences per passage window")
     passage_max_tokens: int = Field(128, ge=16, description="cap on tokens per passage")
     route_k: int = Field(4, ge=1, description="passages routed per question (at most this many are read)")
@@ -152,6 +156,28 @@ class Settings(BaseSettings):
     target_p99_ms: float = Field(50.0, gt=0, allow_inf_nan=False)
     target_cached_p50_ms: float = Field(3.0, gt=0, allow_inf_nan=False)
 
+    @field_validator("cache_url")
+    @classmethod
+    def _redis_url(cls, value):
+        # Checked here, not at the first lookup: a URL that can never work
+        # would otherwise turn the cache off for good, with one log line.
+        if value is not None:
+            from shardqa.errors import StoreError
+            from shardqa.redis_url import parse_redis_url
+
+            try:
+                parse_redis_url(value)
+            except StoreError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _model_named(cls, value):
+        if not value.strip():
+            raise ValueError("must name a model folder (or hub id), not be empty")
+        return value
+
     @field_validator("cache_dir", mode="before")
     @classmethod
     def _not_empty(cls, value):
@@ -187,7 +213,12 @@ def settings_error_line(exc: ValidationError, *, env: bool) -> str:
     for e in exc.errors():
         name = ".".join(str(p) for p in e.get("loc", ())) or "settings"
         label = f"SHARDQA_{name.upper()}" if env else name
-        parts.append(f"{label}={e.get('input')!r}: {e.get('msg', 'invalid')}")
+        value = e.get("input")
+        if isinstance(value, str) and "://" in value:
+            from shardqa.redis_url import redact_url
+
+            value = redact_url(value)  # a URL's password stays out of logs
+        parts.append(f"{label}={value!r}: {e.get('msg', 'invalid')}")
     return "invalid setting " + "; ".join(parts)
 
 

@@ -8,6 +8,7 @@ name a Redis Cluster by its seed nodes, a form redis-py has no parser for.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
@@ -52,7 +53,10 @@ class RedisURL:
 
 def redact_url(url: str) -> str:
     """The URL with its password (if any) shown as ***, fit for logs and messages."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # unparseable (e.g. an unclosed IPv6 bracket): hide any user info wholesale
+        return re.sub(r"://[^/@]*@", "://***@", url)
     if parts.password:
         return parts._replace(netloc=parts.netloc.replace(":" + parts.password + "@", ":***@")).geturl()
     return url
@@ -78,6 +82,13 @@ def parse_redis_url(url: str) -> RedisURL:
                 raise StoreError(f"bad port {port!r} in Redis cluster URL") from None
         if not nodes:
             raise StoreError("a Redis cluster URL needs host:port[,host:port]")
+    elif scheme != "unix":
+        try:
+            port = parts.port  # urllib checks it only when asked
+        except ValueError:
+            raise StoreError(f"bad port in Redis URL {redact_url(url)!r}") from None
+        if not parts.hostname and port is None:
+            raise StoreError(f"a Redis URL needs a host: {redact_url(url)!r}")
     return RedisURL(
         url=url,
         cluster=cluster,

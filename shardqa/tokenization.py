@@ -61,6 +61,10 @@ def _text(text: str) -> str:
     return text
 
 
+#: Files one of which a model folder's tokenizer is loaded from.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
+
+
 class TextTokenizer:
     """A fast (Rust) tokenizer with truncation and padding switched off.
 
@@ -92,6 +96,10 @@ class TextTokenizer:
     def from_pretrained(cls, model: str | Path) -> "TextTokenizer":
         from transformers import AutoTokenizer
 
+        folder = Path(str(model)).expanduser()
+        if folder.is_dir() and not any((folder / f).exists() for f in TOKENIZER_FILES):
+            # transformers would go on to suggest installing sentencepiece.
+            raise ModelNotFound(f"{model!s} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): is it a model folder?")
         try:
             hf = AutoTokenizer.from_pretrained(str(model))
         except (OSError, ValueError) as exc:

@@ -396,3 +396,25 @@ def test_a_timeout_inside_the_answer_is_not_reported_as_the_answer_deadline():
             await service.stop()
 
     asyncio.run(scenario())
+
+
+def test_unknown_fields_are_named_even_when_empty_or_huge(client):
+    message = assert_error(client.post("/v1/answer", json={"": 1, "question": "Who?"}), 422, "validation_error")
+    assert message == '"": unknown field'
+    long_key = "k" * 3_000  # within the fixture's 4,096-byte body limit
+    message = assert_error(client.post("/v1/answer", json={long_key: 1, "question": "Who?"}), 422, "validation_error")
+    assert message.startswith("k" * 57 + "...: unknown field") and len(message) < 200
+
+
+def test_json_nested_too_deep_is_named_as_such(client):
+    body = "[" * 2000 + "]" * 2000  # valid JSON, deeper than the parser's recursion limit
+    message = assert_error(client.post("/v1/answer", content=body, headers={"content-type": "application/json"}), 400, "invalid_json")
+    assert "nested" in message and "digits" in message
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/v1/index", "/metrics"])
+def test_head_is_answered_like_get_without_a_body(client, path):
+    get, head = client.get(path), client.head(path)
+    assert head.status_code == get.status_code and head.content == b""
+    assert head.headers["content-type"] == get.headers["content-type"]
+    assert "head" not in client.get("/openapi.json").json()["paths"][path]

@@ -295,3 +295,38 @@ def test_shardqa_alone_prints_its_help():
     assert proc.stdout.startswith("Usage:") and "Commands:" in proc.stdout and len(proc.stdout.splitlines()) > 10
     group = shardqa("cluster")
     assert "Usage:" in group.stdout and "status" in group.stdout and "error:" not in group.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (("index", "corpus.jsonl", "--shards", "100000"), "less than or equal to 1024"),
+    (("index", "corpus.jsonl", "--store", ""), "the index store is empty"),
+    (("bench", "--url", "http://127.0.0.1:1", "--ready-timeout", "inf"), "must be a finite number"),
+    (("bench-reader", "--threads", "100000"), "less than or equal to 256"),
+    (("train", "run", "--lr", "-1"), "must be above 0"),
+    (("train", "corpus.jsonl"), "is a file, not a folder"),
+    (("cluster", "reindex", "--job-timeout", "inf"), "must be a finite number"),
+    (("query", "\x01\x02", "--url", "http://127.0.0.1:1"), "only control or invisible characters"),
+    (("query", "Who?", "--url", "http://127.0.0.1:99999"), "not a valid port"),
+    (("route", "\u200b\u200e", "--store", "none"), "only control or invisible characters"),
+    (("ask", "Who?", "-c", "\x01\x02\x03"), "the context is empty"),
+])
+def test_values_no_command_can_use_are_refused_at_once(args, message, tmp_path):
+    (tmp_path / "corpus.jsonl").write_text('{"id": "d", "text": "Bob went home."}\n')
+    proc = shardqa(*args, cwd=tmp_path)
+    assert message in one_line(proc)
+    assert not (tmp_path / "CURRENT").exists()  # nothing written into the working directory
+
+
+def test_a_password_in_a_service_url_is_not_shown():
+    line = one_line(shardqa("query", "Who?", "--url", "http://user:s3cret@127.0.0.1:1"))
+    assert "s3cret" not in line and "user:***@" in line
+
+
+@pytest.mark.parametrize("variable, value, message", [
+    ("SHARDQA_CACHE_URL", "http://x", "not a Redis URL"),
+    ("SHARDQA_CACHE_URL", "redis://:s3cret@h:70000", "bad port"),
+    ("SHARDQA_MODEL", "", "must name a model folder"),
+])
+def test_settings_that_can_never_work_are_refused_where_settings_are_read(variable, value, message):
+    line = one_line(shardqa("config", env={variable: value}))
+    assert message in line and "s3cret" not in line

