@@ -90,7 +90,7 @@ REQUESTS = MetricSpec(
     ("endpoint", "status", "cached"),
 )  # fmt: skip
 REQUEST_DURATION = MetricSpec(
-    "shardqa_request_duration_seconds", "histogram", "End-to-end latency inside the ingress of requests answered with 2xx",
+    "shardqa_request_duration_seconds", "histogram", "End-to-end latency inside the ingress of requests answered with 2xx, or given up by their client (499)",
     ("endpoint", "cached"), LATENCY_BUCKETS,
 )  # fmt: skip
 STAGE_DURATION = MetricSpec(
@@ -340,9 +340,11 @@ def record_request(endpoint: str, status: int, seconds: float, cached: bool) -> 
     endpoint = _bounded(endpoint, _endpoints, MAX_ENDPOINTS)
     cached_label = "true" if cached else "false"
     _record(REQUESTS, 1, endpoint=endpoint, status=str(int(status)), cached=cached_label)
-    # Answered requests only: a flood of instant 4xx (or fast 503s) would
-    # otherwise pull the latency quantiles, and their alerts, down.
-    if 200 <= status < 300:
+    # Answered requests, and those whose client gave up waiting (499, timed
+    # until it left: a service slower than its clients' patience shows in the
+    # quantiles). Not 4xx or 5xx: a flood of instant refusals (or fast 503s)
+    # would pull the quantiles, and their alerts, down.
+    if 200 <= status < 300 or status == 499:
         _record(REQUEST_DURATION, _seconds(seconds), endpoint=endpoint, cached=cached_label)
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from shardqa.config import MAX_SHARDS
-from shardqa.errors import CorpusError, IndexNotFound, ShardQAError, TokenizerMismatch
+from shardqa.errors import CorpusError, ShardQAError
 from shardqa.preprocessing.corpus import Document, read_corpus
 from shardqa.preprocessing.graph import pagerank, sentence_graph, transition_transposed
 from shardqa.preprocessing.passages import form_passages, sentence_token_counts
@@ -183,7 +183,7 @@ def build_index_report(
     if build_key is not None:
         if tokenizer is None:
             tokenizer = TextTokenizer.from_pretrained(model)
-        kept = _kept_by_build_key(store, build_key, shards, tokenizer)
+        kept = _kept_by_build_key(store, build_key, shards, tokenizer, encoder, settings)
         if kept is not None:
             return BuildResult(kept, store.url, [], time.perf_counter() - t0, phases, kept=True)
     report = read_corpus(corpus_path, on_error=on_error)  # type: ignore[arg-type]
@@ -407,18 +407,25 @@ def build_index_report(
     return BuildResult(manifest, store.url, report.problems, time.perf_counter() - t0, phases, long_sentences)
 
 
-def _kept_by_build_key(store: IndexStore, key: str, shards: int, tokenizer) -> IndexManifest | None:
+def _kept_by_build_key(store: IndexStore, key: str, shards: int, tokenizer, encoder, settings) -> IndexManifest | None:
     """The current version's manifest when the last keyed build had ``key``
-    and that version still has ``shards`` shards and ``tokenizer``'s tokens
-    (a new serving image may bring another model); else None."""
+    and that version can still be served as built now would be: ``shards``
+    shards, ``tokenizer``'s tokens and the same dense encoder (a new image
+    may bring another model or encoder); else None: build."""
+    from shardqa.router.encoder import DenseEncoder, configured_encoder, encoder_fingerprint
+
     if store.build_key() != key:
         return None
     try:
         manifest = store.manifest()
         check_tokenizer(manifest, tokenizer)
-    except (IndexNotFound, TokenizerMismatch):
+    except ShardQAError:  # none, another tokenizer, damaged, a newer format: build one
         return None
-    return manifest if manifest.shards == shards else None
+    if manifest.shards != shards:
+        return None
+    wanted = encoder.fingerprint if isinstance(encoder, DenseEncoder) else encoder_fingerprint(configured_encoder(encoder, settings))
+    built = (manifest.params.get("encoder") or {}).get("fingerprint")
+    return manifest if built == wanted else None
 
 
 def _index_encoder(spec, settings):

@@ -51,6 +51,7 @@ class ShardDeployment:
             await self._load(self.worker.load_current)
         except IndexNotFound as exc:
             log.warning("shard %d: no index yet (%s); loading it when it appears", shard, exc)
+        self._status_problem = ""
         self._refresher = asyncio.create_task(self._refresh_loop())
 
     async def _run(self, fn, *args):
@@ -108,7 +109,10 @@ class ShardDeployment:
             try:
                 await self._load(self.worker.passages, version)
             except Exception as exc:  # reported as "does not hold it" by the caller
-                log.warning("shard %d: cannot load index version %s for a status check: %s", self.shard, version, exc)
+                problem = f"cannot load index version {version} for a status check: {exc}"
+                if problem != self._status_problem:  # once, not on every probe
+                    log.warning("shard %d: %s", self.shard, problem)
+                self._status_problem = problem
         return self.worker.status()
 
     async def check_health(self) -> None:

@@ -133,26 +133,25 @@ def register(app: typer.Typer) -> None:
         """Ask a running shardqa service a question."""
         import math
 
+        from shardqa.cli import fail
+        from shardqa.services.answer_cache import canonical_question
         from shardqa.services.client import ask
-
-        if not (timeout > 0 and math.isfinite(timeout)):
-            from shardqa.cli import fail
-
-            raise fail(f"--timeout must be a positive number of seconds, not {timeout:g}")
-
         from shardqa.tokenization import not_unicode_at
 
+        if not (timeout > 0 and math.isfinite(timeout)):
+            raise fail(f"--timeout must be a positive number of seconds, not {timeout:g}")
         at = not_unicode_at(question)
         if at is not None:
-            from shardqa.cli import fail
-
             raise fail(f"the question is not valid Unicode text (a byte that is not UTF-8 at character {at})")
-        from shardqa.config import get_settings
-        from shardqa.services.questions import check_question_text
 
-        s = get_settings()
-        check_question_text(question, s.max_question_chars)  # named here, not as an unreachable service
+        # Named here, not as an unreachable service; the length limit is the
+        # service's own (it may differ from this machine's settings).
+        if not canonical_question(question):
+            raise fail("the question is empty" + (" (it has only control or invisible characters)" if question.strip() else ""))
         if url is None:
+            from shardqa.config import get_settings
+
+            s = get_settings()
             url = f"http://{s.host}:{s.port}"
         t0 = time.perf_counter()
         body = ask(url, question, top_k=top_k, timeout_s=timeout)

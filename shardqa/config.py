@@ -156,6 +156,12 @@ class Settings(BaseSettings):
     target_p99_ms: float = Field(50.0, gt=0, allow_inf_nan=False)
     target_cached_p50_ms: float = Field(3.0, gt=0, allow_inf_nan=False)
 
+    @field_validator("cache_url", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value):
+        # SHARDQA_CACHE_URL= (empty) has always meant the in-process cache.
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("cache_url")
     @classmethod
     def _redis_url(cls, value):

@@ -84,11 +84,9 @@ def parse_redis_url(url: str) -> RedisURL:
             raise StoreError("a Redis cluster URL needs host:port[,host:port]")
     elif scheme != "unix":
         try:
-            port = parts.port  # urllib checks it only when asked
+            parts.port  # urllib checks it only when asked; no host means localhost to redis-py
         except ValueError:
             raise StoreError(f"bad port in Redis URL {redact_url(url)!r}") from None
-        if not parts.hostname and port is None:
-            raise StoreError(f"a Redis URL needs a host: {redact_url(url)!r}")
     return RedisURL(
         url=url,
         cluster=cluster,

@@ -508,9 +508,11 @@ def test_index_build_key_changes_only_with_what_the_index_is_built_from():
     # ingress keeps the key, so the hook keeps the current version (which may
     # be a `cluster reindex` of another corpus); the index values change it.
     default = _index_build_key()
-    for same in ({"image.tag": "0.2.0"}, {"serve.routeK": 8}, {"ingress.enabled": True}):
+    for same in ({"image.tag": "0.2.0"}, {"serve.routeK": 8}, {"ingress.enabled": True}, {"cache.enabled": False},
+                 {"serve.extraEnv": {"SHARDQA_MAX_BATCH_SIZE": "16"}}, {"redis.auth.existingSecret": "other"}):
         assert _index_build_key(same) == default, same
-    for changed in ({"index.corpus": "/data/other.jsonl"}, {"serve.shards": 2}, {"index.extraArgs": ["--passage-sentences", "2"]}):
+    for changed in ({"index.corpus": "/data/other.jsonl"}, {"serve.shards": 2}, {"serve.model": "/models/other"},
+                    {"index.extraArgs": ["--passage-sentences", "2"]}, {"serve.extraEnv": {"SHARDQA_PASSAGE_MAX_TOKENS": "96"}}):
         assert _index_build_key(changed) != default, changed
 
 

@@ -254,4 +254,5 @@ def test_a_client_that_hangs_up_is_counted_as_499_not_as_a_5xx():
     after = scrape()
     assert delta(before, after, "shardqa_requests_total", endpoint="/v1/answer", status="499", cached="false") == 2
     assert delta(before, after, "shardqa_requests_total", endpoint="/v1/answer", status="500", cached="false") == 0
-    assert delta(before, after, "shardqa_request_duration_seconds_count", endpoint="/v1/answer", cached="false") == 0
+    # Timed until the client left: a service slower than its clients shows in the quantiles.
+    assert delta(before, after, "shardqa_request_duration_seconds_count", endpoint="/v1/answer", cached="false") == 2

@@ -255,3 +255,25 @@ def test_a_damaged_redis_index_is_named_as_such(corpus, tokenizer):
         store.r.set(store._vk(version, "manifest"), "{bad")
         with pytest.raises(StoreError, match="is damaged or incomplete .*JSONDecodeError"):
             store.manifest()
+
+
+def test_a_keyed_build_rebuilds_over_a_damaged_index_or_another_encoder(tmp_path, corpus, tokenizer, monkeypatch):
+    from shardqa.preprocessing.build import build_index_report
+    from shardqa.router import encoder as encoder_module
+
+    url = str(tmp_path / "index")
+
+    def build():
+        return build_index_report(corpus, url, 2, str(TINY), tokenizer=tokenizer, encoder=None, build_key="spec")
+
+    first = build()
+    assert build().kept
+    # A new image whose dense encoder differs: its vectors would not match the questions'.
+    monkeypatch.setattr(encoder_module, "encoder_fingerprint", lambda spec: "another-encoder")
+    second = build()
+    assert not second.kept and second.manifest.version != first.manifest.version
+    monkeypatch.undo()
+    # A damaged current version is rebuilt, not an error on every upgrade.
+    (tmp_path / "index" / second.manifest.version / "manifest.json").write_text("{not json")
+    third = build()
+    assert not third.kept and open_store(url).current_version() == third.manifest.version
