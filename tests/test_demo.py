@@ -149,7 +149,8 @@ def test_serve_with_an_unreachable_answer_cache_fails_at_once(tiny_index):
     assert_one_line_error(proc, "the answer cache: cannot reach Redis at redis+cluster://127.0.0.1:")
     proc = shardqa("serve", "--store", tiny_index, "--model", str(TINY), "--port", str(free_port()),
                    timeout=60, env={"RAY_ADDRESS": "", "SHARDQA_CACHE_URL": "http://127.0.0.1:1"})
-    assert_one_line_error(proc, "the answer cache: not a Redis URL")
+    # Refused where settings are read, before anything starts.
+    assert_one_line_error(proc, "SHARDQA_CACHE_URL='http://127.0.0.1:1': Value error, not a Redis URL")
 
 
 @pytest.mark.parametrize("command", ["serve", "demo"])
