@@ -144,9 +144,9 @@ def build_index_report(
 ) -> BuildResult:
     """``build_index``'s work, with what a report of it needs. With
     ``build_key``, nothing is built when the last keyed build had the same key
-    and the current version still suits the shard count and the tokenizer
-    (``BuildResult.kept``); otherwise the key is recorded once the new version
-    is current."""
+    and the current version still suits the shard count, the tokenizer and the
+    dense encoder (``BuildResult.kept``); otherwise the key is recorded once
+    the new version is current."""
     from shardqa.config import get_settings
     from shardqa.tokenization import TextTokenizer
 

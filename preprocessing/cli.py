@@ -28,7 +28,7 @@ def register(app: typer.Typer) -> None:
         build_key: Optional[str] = typer.Option(
             None, "--build-key",
             help="build only if the last build given a key was given another one (or the current version no longer "
-                 "suits --shards and the model); the Helm chart's upgrade hook passes a hash of its index values, so an "
+                 "suits --shards, the model or the dense encoder); the Helm chart's upgrade hook passes a hash of its index values, so an "
                  "upgrade that leaves them alone keeps the current version, even one `shardqa cluster reindex` made",
         ),
     ) -> None:
