@@ -90,7 +90,7 @@ def api_client_from_config(context: str | None = None):
     from kubernetes.config.config_exception import ConfigException
 
     try:
-        return config.new_client_from_config(config_file=_kubeconfig(), context=context)
+        api = config.new_client_from_config(config_file=_kubeconfig(), context=context)
     except (ConfigException, FileNotFoundError) as exc:
         if context is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
             config.load_incluster_config()
@@ -100,6 +100,11 @@ def api_client_from_config(context: str | None = None):
         raise ClusterError(f"no usable Kubernetes configuration: {exc}") from None
     except (yaml.YAMLError, ValueError, OSError) as exc:  # not YAML, not UTF-8, unreadable
         raise ClusterError(f"cannot read the kubeconfig: {one_line(exc, 200)}") from None
+    host = api.configuration.host or ""
+    if "://" not in host:
+        # urllib3 would warn about it, then fail with "No host specified".
+        raise ClusterError(f"the kubeconfig's server address {host!r} is not a URL (https://host:port)")
+    return api
 
 
 def _kubeconfig() -> str | None:

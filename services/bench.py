@@ -50,6 +50,10 @@ METRICS_PATH = "/metrics"
 READY_PATH = "/readyz"
 
 
+#: Refused before anything runs (and before the banner that names the plan).
+NO_LEVELS = "no load levels: give --concurrency and/or --rates"
+
+
 class BenchError(ShardQAError):
     code = "bench_error"
 
@@ -371,7 +375,7 @@ async def run_levels(base_url: str, examples: Sequence[SquadExample], plan: Load
     base_url = base_url.rstrip("/")
     n_levels = len(plan.concurrency) + len(plan.rates)
     if n_levels == 0:
-        raise BenchError("no load levels: give --concurrency and/or --rates")
+        raise BenchError(NO_LEVELS)
     qplan = plan_questions(examples, n_levels, plan.per_level, plan.warmup, plan.seed)
     connections = max([64, *plan.concurrency, *(int(r * 4) for r in plan.rates)])
     info: dict[str, Any] = {}

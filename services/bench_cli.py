@@ -178,6 +178,8 @@ def run_bench(
     machine = B.machine_description()
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     t0 = time.perf_counter()
+    if not concurrency and not rates:
+        raise B.BenchError(B.NO_LEVELS)
     log(f"bench: {url}, {len(concurrency) + len(rates)} load levels x {limit} questions, cold{' + warm' if warm else ''}")
     alive = (lambda: B.process_alive(service_pid)) if service_pid else None
     levels, info, qplan, raw = asyncio.run(B.run_levels(url, examples, plan, ready_timeout_s=ready_timeout_s, log=log, alive=alive))

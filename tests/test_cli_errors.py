@@ -330,3 +330,18 @@ def test_a_password_in_a_service_url_is_not_shown():
 def test_settings_that_can_never_work_are_refused_where_settings_are_read(variable, value, message):
     line = one_line(shardqa("config", env={variable: value}))
     assert message in line and "s3cret" not in line
+
+
+def test_bench_without_load_levels_says_only_that(tmp_path):
+    assert "no load levels" in one_line(shardqa("bench", "--url", "http://127.0.0.1:1", "--concurrency", ""))
+
+
+def test_a_kubeconfig_without_a_server_address_is_named(tmp_path):
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "x",
+        "clusters": [{"name": "c", "cluster": {"server": ""}}], "users": [{"name": "u", "user": {}}],
+        "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+    }))
+    line = one_line(shardqa("cluster", "status", env={"KUBECONFIG": str(kubeconfig)}))
+    assert "server address '' is not a URL" in line
