@@ -27,7 +27,7 @@ from itertools import chain
 from shardqa.config import Settings
 from shardqa.errors import InvalidRequest, ServiceUnavailable, ShardQAError, TokenizerMismatch
 from shardqa.monitoring import metrics
-from shardqa.services.answer_cache import AnswerCache, cache_key, canonical_question, normalise_question
+from shardqa.services.answer_cache import AnswerCache, cache_key, normalise_question
 from shardqa.services.questions import QuestionChecker
 from shardqa.services.shard_client import ShardClient
 from shardqa.services.shard_worker import ShardQuery
@@ -276,8 +276,7 @@ class QAService:
 
     def _canonical(self, question: str) -> str:
         """The checked question as every stage reads it (answer_cache.canonical_question)."""
-        self.checker.check_text(question)
-        return canonical_question(question)
+        return self.checker.check_text(question)
 
     async def answer(self, question: str, top_k: int = 1) -> Outcome:
         t0 = time.perf_counter()

@@ -22,19 +22,23 @@ def max_question_tokens(settings: Settings, tokenizer: TextTokenizer, max_seq_le
     return min(settings.max_question_len, seq - tokenizer.template.num_special - stride - 1)
 
 
-def check_question_text(question: str, max_chars: int) -> None:
-    """A question's checks that need no tokenizer (type, blank, length, Unicode)."""
+def check_question_text(question: str, max_chars: int | None) -> str:
+    """A question's checks that need no tokenizer (type, blank, length,
+    Unicode); the question as every stage reads it (``canonical_question``).
+    ``max_chars`` None leaves the length to whoever answers (a remote service)."""
     if not isinstance(question, str):
         raise InvalidQuestion("the question must be a string")
     if not question.strip():
         raise InvalidQuestion("the question is empty")
-    if len(question) > max_chars:
+    if max_chars is not None and len(question) > max_chars:
         raise QuestionTooLong(f"the question has {len(question)} characters; the limit is {max_chars}")
     at = not_unicode_at(question)
     if at is not None:
         raise InvalidQuestion(f"the question is not valid Unicode text (lone surrogate at character {at})")
-    if not canonical_question(question):
+    text = canonical_question(question)
+    if not text:
         raise InvalidQuestion("the question is empty (it has only control or invisible characters)")
+    return text
 
 
 class QuestionChecker:
@@ -49,9 +53,10 @@ class QuestionChecker:
     def for_settings(cls, settings: Settings, tokenizer: TextTokenizer) -> "QuestionChecker":
         return cls(tokenizer, settings.max_question_chars, max_question_tokens(settings, tokenizer))
 
-    def check_text(self, question: str) -> None:
-        """The checks that need no tokenizer, so a cache hit skips tokenising."""
-        check_question_text(question, self.max_chars)
+    def check_text(self, question: str) -> str:
+        """The checks that need no tokenizer, so a cache hit skips tokenising;
+        the canonical question."""
+        return check_question_text(question, self.max_chars)
 
     def tokenize(self, question: str) -> TokenizedText:
         tokens = self.tokenizer.tokenize(question)

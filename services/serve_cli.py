@@ -134,8 +134,8 @@ def register(app: typer.Typer) -> None:
         import math
 
         from shardqa.cli import fail
-        from shardqa.services.answer_cache import canonical_question
         from shardqa.services.client import ask
+        from shardqa.services.questions import check_question_text
         from shardqa.tokenization import not_unicode_at
 
         if not (timeout > 0 and math.isfinite(timeout)):
@@ -146,8 +146,7 @@ def register(app: typer.Typer) -> None:
 
         # Named here, not as an unreachable service; the length limit is the
         # service's own (it may differ from this machine's settings).
-        if not canonical_question(question):
-            raise fail("the question is empty" + (" (it has only control or invisible characters)" if question.strip() else ""))
+        check_question_text(question, None)
         if url is None:
             from shardqa.config import get_settings
 
