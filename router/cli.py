@@ -28,7 +28,8 @@ def register(app: typer.Typer) -> None:
         from shardqa.services.questions import check_question_text
 
         settings = get_settings()
-        check_question_text(question, settings.max_question_chars)  # before the router loads (seconds)
+        # Before the router loads (seconds); the canonical text is what the service routes.
+        question = check_question_text(question, settings.max_question_chars)
         k = k or settings.route_k
         st = open_store(store)
         router = Router.from_store(st, version)
@@ -70,11 +71,12 @@ def register(app: typer.Typer) -> None:
         """Recall@1/3/5/8 of the router (gold answer inside a routed passage), shards touched, passage tokens and latency, next to plain BM25 over the same passages."""
         from shardqa.preprocessing.store import open_store
         from shardqa.router import Router
+        from shardqa.config import get_settings
         from shardqa.router.evaluate import KS, evaluate_routing
 
         st = open_store(store)
         router = Router.from_store(st, version)
-        ev = evaluate_routing(router, st, squad_json, limit=limit)
+        ev = evaluate_routing(router, st, squad_json, limit=limit, max_chars=get_settings().max_question_chars)
         if as_json:
             typer.echo(json.dumps(ev.to_json()))
             return
@@ -100,5 +102,7 @@ def register(app: typer.Typer) -> None:
             f"latency p50 {ev.p50_ms:.3f} ms, p99 {ev.p99_ms:.3f} ms, mean {ev.mean_ms:.3f} ms",
             highlight=False,
         )
+        if ev.refused:
+            con.print(f"[yellow]{ev.refused} questions left out: the service would refuse them (empty, too long or not text)[/]")
         if ev.missing_documents:
             con.print(f"[yellow]{ev.missing_documents} questions ask about contexts not in the index (counted as misses)[/]")

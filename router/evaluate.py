@@ -40,6 +40,8 @@ class RouteEval:
     #: share of questions for which the dense encoder ran (the rest were lexically confident)
     dense_share: float | None = None
     mean_ms: float = 0.0
+    #: questions the service would refuse (empty, too long, not text); left out of every figure
+    refused: int = 0
 
     def to_json(self) -> dict:
         r = lambda d: {str(k): round(v, 4) for k, v in d.items()}  # noqa: E731
@@ -50,6 +52,8 @@ class RouteEval:
             "p50_ms": round(self.p50_ms, 3),
             "p99_ms": round(self.p99_ms, 3),
             "mean_ms": round(self.mean_ms, 3),
+            "questions": self.questions,
+            "refused": self.refused,
             "dense_share": None if self.dense_share is None else round(self.dense_share, 4),
             "baseline": {"recall": r(self.baseline_recall)},
             "dense": self.dense,
@@ -82,12 +86,34 @@ def check_built_from(index_doc_ids, question_doc_ids, squad_path, version: str, 
     return missing
 
 
-def evaluate_routing(router, store, squad_path, limit: int | None = None, baseline: bool = True) -> RouteEval:
+def service_questions(questions, max_chars: int | None):
+    """The questions as the service routes them (canonical text), and how many
+    it would refuse before routing; a router measured on questions the
+    service never routes would report figures no user sees."""
+    from dataclasses import replace
+
+    from shardqa.services.questions import check_question_text
+
+    kept = []
+    for q in questions:
+        try:
+            kept.append(replace(q, question=check_question_text(q.question, max_chars)))
+        except ShardQAError:
+            pass
+    if not kept:
+        raise CorpusError(f"the service would refuse all {len(questions)} questions (empty, too long or not text)")
+    return kept, len(questions) - len(kept)
+
+
+def evaluate_routing(router, store, squad_path, limit: int | None = None, baseline: bool = True,
+                     max_chars: int | None = None) -> RouteEval:
+    """``max_chars``: the service's question length limit (None: no limit)."""
     from shardqa.preprocessing.corpus import read_squad_questions
 
     questions = read_squad_questions(squad_path)
     if limit:
         questions = questions[:limit]
+    questions, refused = service_questions(questions, max_chars)
     doc_index = {d: i for i, d in enumerate(router.doc_ids)}
     missing = check_built_from(doc_index, [q.doc_id for q in questions], squad_path, router.version, store.url)
     kmax = max(KS)
@@ -132,6 +158,7 @@ def evaluate_routing(router, store, squad_path, limit: int | None = None, baseli
         lexical_recall=lexical,
         lexical_mean_shards=lexical_shards,
         dense_share=dense_used / n if getattr(router, "uses_dense", False) else None,
+        refused=refused,
     )
 
 

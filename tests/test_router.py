@@ -344,3 +344,32 @@ def test_the_encoder_follows_the_settings_the_router_is_given(tmp_path):
                                                                "cache_dir": str(cache)}))
     assert router.uses_dense and router.encoder.threads == 2
     assert router.encoder.path.is_relative_to(cache)
+
+
+def test_eval_route_leaves_out_the_questions_the_service_refuses(lexical, index, tmp_path):
+    """Routing figures count only questions the service would route, as it
+    routes them (canonical text), and say how many were left out."""
+    from shardqa.router.evaluate import evaluate_routing
+
+    store, _ = index
+    data = json.loads(SAMPLE.read_text(encoding="utf-8"))
+    qas = data["data"][0]["paragraphs"][0]["qas"]
+    first = dict(qas[0])
+    qas[:] = [first,
+              {**first, "id": "long", "question": "Who? " * 400},
+              {**first, "id": "invisible", "question": "\u200b\u0000"},
+              {**first, "id": "padded", "question": "\u200b" + first["question"] + "\u0007"}]
+    data["data"] = data["data"][:1]
+    data["data"][0]["paragraphs"] = data["data"][0]["paragraphs"][:1]
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    ev = evaluate_routing(lexical, store, path, baseline=False, max_chars=1000)
+    assert (ev.questions, ev.refused) == (2, 2)
+    # the padded copy routes as the clean question does: both hit or both miss
+    assert all(ev.recall[k] in (0.0, 1.0) for k in (1, 3, 5, 8))
+    assert ev.to_json()["refused"] == 2
+    only_bad = tmp_path / "bad.json"
+    qas[:] = qas[1:3]
+    only_bad.write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(CorpusError, match="refuse all 2 questions"):
+        evaluate_routing(lexical, store, only_bad, baseline=False, max_chars=1000)
