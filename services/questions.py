@@ -14,11 +14,18 @@ from shardqa.tokenization import TextTokenizer, not_unicode_at
 from shardqa.types import TokenizedText
 
 
+def window_stride(doc_stride: int | None, max_seq_len: int) -> int:
+    """The overlap between a long passage's windows, picked as the reference
+    pipeline picks it: a stride given is used as is, none gives
+    min(max_seq_len // 2, 128)."""
+    return min(max_seq_len // 2, 128) if doc_stride is None else doc_stride
+
+
 def max_question_tokens(settings: Settings, tokenizer: TextTokenizer, max_seq_len: int | None = None, doc_stride: int | None = None) -> int:
     """The longest question the reader takes: the configured maximum, and
     never so long that a window keeps no more passage tokens than the stride."""
     seq = min(max_seq_len or settings.max_seq_len, tokenizer.model_max_length)
-    stride = min(settings.doc_stride if doc_stride is None else doc_stride, seq // 2)
+    stride = window_stride(settings.doc_stride if doc_stride is None else doc_stride, seq)
     return min(settings.max_question_len, seq - tokenizer.template.num_special - stride - 1)
 
 

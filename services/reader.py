@@ -20,8 +20,8 @@ from typing import Sequence
 import numpy as np
 
 from shardqa.config import Settings, get_settings
-from shardqa.errors import InvalidContext, InvalidQuestion, ModelNotFound, NotAQAModel, QuestionTooLong
-from shardqa.services.questions import QuestionChecker, max_question_tokens
+from shardqa.errors import InvalidContext, InvalidQuestion, InvalidRequest, ModelNotFound, NotAQAModel, QuestionTooLong
+from shardqa.services.questions import QuestionChecker, max_question_tokens, window_stride
 from shardqa.tokenization import TextTokenizer
 from shardqa.types import Answer, Passage, TokenizedText
 
@@ -78,9 +78,10 @@ class Reader:
         tokenizer = TextTokenizer.from_pretrained(model_dir)
         seq = max_seq_len or s.max_seq_len
         seq = min(seq, tokenizer.model_max_length)
-        stride = doc_stride if doc_stride is not None else s.doc_stride
-        # The reference pipeline caps the stride at half a window.
-        stride = min(stride, seq // 2)
+        stride = window_stride(doc_stride if doc_stride is not None else s.doc_stride, seq)
+        max_question = max_question_tokens(s, tokenizer, seq, stride)
+        if max_question < 1:
+            raise InvalidRequest(f"doc_stride {stride} leaves no room for a question in a window of {seq} tokens")
         kind = backend or s.backend
         be = load_backend(
             kind,
@@ -98,7 +99,7 @@ class Reader:
             max_seq_len=seq,
             doc_stride=stride,
             max_answer_len=max_answer_len or s.max_answer_len,
-            max_question_len=max_question_tokens(s, tokenizer, seq, stride),
+            max_question_len=max_question,
             max_question_chars=s.max_question_chars,
             handle_impossible_answer=s.handle_impossible_answer if handle_impossible_answer is None else handle_impossible_answer,
         )
@@ -336,7 +337,7 @@ def answer_fingerprint(settings: Settings) -> str:
 
     model_dir = resolve_model_dir(str(settings.model), settings.cache_dir)
     s = settings
-    return (f"{_model_id(model_dir)}@{model_hash(model_dir)}/{s.backend}/{s.max_seq_len}/{s.doc_stride}/"
+    return (f"{_model_id(model_dir)}@{model_hash(model_dir)}/{s.backend}/{s.max_seq_len}/{window_stride(s.doc_stride, s.max_seq_len)}/"
             f"{s.max_answer_len}/{int(s.handle_impossible_answer)}")
 
 

@@ -51,7 +51,9 @@ class Settings(BaseSettings):
     onnx_spin_wait: bool = Field(False, description="ONNX Runtime intra-op threads spin-wait between operators")
     cache_dir: Path = Field(Path.home() / ".cache" / "shardqa", description="ONNX exports and downloads")
     max_seq_len: int = Field(384, ge=32, le=512, description="tokens per (question, passage window) sequence")
-    doc_stride: int = Field(128, ge=0, description="overlap between windows of a long passage")
+    # Unset, as in the reference pipeline: a stride given is used as is.
+    doc_stride: int | None = Field(None, ge=0, description="overlap between windows of a long passage in tokens; "
+                                   "unset: min(max_seq_len // 2, 128), as the reference pipeline picks it")
     max_answer_len: int = Field(15, ge=1, description="longest answer span in tokens")
     max_question_len: int = Field(64, ge=1, description="longest question in tokens; longer is refused")
     max_question_chars: int = Field(1000, ge=1, description="longest question in characters; longer is refused")
@@ -175,6 +177,14 @@ class Settings(BaseSettings):
                 parse_redis_url(value)
             except StoreError as exc:
                 raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("doc_stride")
+    @classmethod
+    def _stride_fits(cls, value, info):
+        seq = info.data.get("max_seq_len")
+        if value is not None and seq is not None and value >= seq:
+            raise ValueError(f"must be smaller than max_seq_len ({seq})")
         return value
 
     @field_validator("model")

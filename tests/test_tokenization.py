@@ -37,7 +37,7 @@ GOLDEN = TESTS / "golden" / "pipeline_answers.json"
 #: (max_seq_len, doc_stride) pairs the properties draw from: the pipeline's
 #: default and progressively smaller windows, so that moderate texts already
 #: need many overlapping windows.
-WINDOWS = [(384, 128), (128, 32), (64, 16), (32, 8), (24, 4), (48, 0)]
+WINDOWS = [(384, 128), (128, 32), (64, 16), (32, 8), (24, 4), (48, 0), (64, 40), (128, 96)]
 
 
 @functools.lru_cache(maxsize=None)

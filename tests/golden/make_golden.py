@@ -301,6 +301,11 @@ def hand_written(rec: Recorder, squad: list[dict]) -> None:
         ("long-max-answer-5", 8, 3000, {"max_answer_len": 5, "top_k": 3}),
         ("long-max-answer-30", 9, 3000, {"max_answer_len": 30, "top_k": 3}),
         ("long-256-64-impossible", 10, 3000, {"max_seq_len": 256, "doc_stride": 64, "handle_impossible_answer": True}),
+        # A stride given is used as is, even above half a window (only the
+        # default is capped at max_seq_len // 2).
+        ("long-64-40", 11, 1500, {"max_seq_len": 64, "doc_stride": 40, "top_k": 3}),
+        ("long-384-200", 12, 4000, {"doc_stride": 200, "top_k": 3}),
+        ("long-128-only-seq", 13, 2500, {"max_seq_len": 128}),
     ]
     for name, art, chars, kw in long_specs:
         context, questions = long_context(squad[art], chars)
