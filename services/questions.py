@@ -8,7 +8,7 @@ reader's limits, while loading only the tokenizer.
 from __future__ import annotations
 
 from shardqa.config import Settings
-from shardqa.errors import InvalidQuestion, QuestionTooLong
+from shardqa.errors import InvalidQuestion, InvalidRequest, QuestionTooLong
 from shardqa.services.answer_cache import canonical_question
 from shardqa.tokenization import TextTokenizer, not_unicode_at
 from shardqa.types import TokenizedText
@@ -26,7 +26,11 @@ def max_question_tokens(settings: Settings, tokenizer: TextTokenizer, max_seq_le
     never so long that a window keeps no more passage tokens than the stride."""
     seq = min(max_seq_len or settings.max_seq_len, tokenizer.model_max_length)
     stride = window_stride(settings.doc_stride if doc_stride is None else doc_stride, seq)
-    return min(settings.max_question_len, seq - tokenizer.template.num_special - stride - 1)
+    room = seq - tokenizer.template.num_special - stride - 1
+    if room < 1:
+        # Else every question would be refused as too long, one by one.
+        raise InvalidRequest(f"doc_stride {stride} leaves no room for a question in a window of {seq} tokens")
+    return min(settings.max_question_len, room)
 
 
 def check_question_text(question: str, max_chars: int | None) -> str:

@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from shardqa.config import Settings, get_settings
-from shardqa.errors import InvalidContext, InvalidQuestion, InvalidRequest, ModelNotFound, NotAQAModel, QuestionTooLong
+from shardqa.errors import InvalidContext, InvalidQuestion, ModelNotFound, NotAQAModel, QuestionTooLong
 from shardqa.services.questions import QuestionChecker, max_question_tokens, window_stride
 from shardqa.tokenization import TextTokenizer
 from shardqa.types import Answer, Passage, TokenizedText
@@ -80,8 +80,6 @@ class Reader:
         seq = min(seq, tokenizer.model_max_length)
         stride = window_stride(doc_stride if doc_stride is not None else s.doc_stride, seq)
         max_question = max_question_tokens(s, tokenizer, seq, stride)
-        if max_question < 1:
-            raise InvalidRequest(f"doc_stride {stride} leaves no room for a question in a window of {seq} tokens")
         kind = backend or s.backend
         be = load_backend(
             kind,

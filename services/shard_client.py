@@ -10,7 +10,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol, Sequence
 
-from shardqa.errors import ServiceUnavailable, ShardQAError
+from shardqa.errors import ServiceUnavailable, ShardQAError, one_line
 from shardqa.services.shard_worker import ShardQuery, ShardStatus, ShardWorker, answers_or_raise
 from shardqa.types import Answer
 
@@ -87,13 +87,20 @@ class ServeShards:
 
     def __init__(self, handles: Sequence, retry_deadline_s: float = 10.0, transport: str = "grpc"):
         import ray.exceptions as rex
+        import ray.serve.exceptions as sex
 
         self.handles = [transport_options(h, transport) for h in handles]
         self.num_shards = len(self.handles)
         self.retry_deadline_s = retry_deadline_s
         # Exceptions that mean "the replica went away", worth sending again.
         self._lost = tuple(
-            e for e in (getattr(rex, n, None) for n in ("RayActorError", "ActorUnavailableError", "ActorDiedError")) if e is not None
+            e for e in [getattr(rex, n, None) for n in ("RayActorError", "ActorUnavailableError", "ActorDiedError")]
+            + [getattr(sex, "ReplicaUnavailableError", None)] if e is not None
+        )
+        # The shard cannot take the request at all (its deployment failed to
+        # deploy, or its queue is full): the service is unavailable, not broken.
+        self._refused = tuple(
+            e for e in (getattr(sex, n, None) for n in ("DeploymentUnavailableError", "BackPressureError")) if e is not None
         )
         self._task_error = rex.RayTaskError
 
@@ -113,8 +120,13 @@ class ServeShards:
                 log.warning("shard %d: replica lost during %s (attempt %d), sending again", shard, method, attempt)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
+            except self._refused as exc:
+                raise ServiceUnavailable(f"shard {shard} cannot take requests ({type(exc).__name__}: {one_line(getattr(exc, 'message', exc))})") from None
             except asyncio.TimeoutError:
-                raise ServiceUnavailable(f"shard {shard} did not answer within {timeout_s:.1f}s") from None
+                # Only `status` has a timeout of its own; a timeout from inside Ray
+                # (GetTimeoutError is one) may come from a call without one.
+                within = f" within {timeout_s:.1f}s" if timeout_s is not None else ""
+                raise ServiceUnavailable(f"shard {shard} did not answer{within}") from None
             except self._task_error as exc:
                 # Ray wraps a replica's exception in a class that is both
                 # RayTaskError and the original, whose message is the remote

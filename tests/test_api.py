@@ -268,6 +268,53 @@ def test_a_shards_own_error_crosses_the_handle_without_ray_s_traceback():
         asyncio.run(ServeShards([Handle()]).answer(0, None))
 
 
+def test_a_shard_that_cannot_take_requests_is_a_503_and_a_lost_replica_is_retried():
+    """Serve's own refusals (a deployment that failed to deploy, a full
+    queue) are the service being unavailable, never an internal error; a
+    replica that went away is asked again."""
+    import asyncio
+
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+    from ray.serve._private.common import DeploymentID
+
+    from shardqa.errors import ServiceUnavailable
+    from shardqa.services.shard_client import ServeShards
+
+    raised = []
+
+    class Method:
+        def __init__(self, errors):
+            self.errors = list(errors)
+
+        def remote(self, *args):
+            async def call():
+                if self.errors:
+                    raised.append(self.errors[0])
+                    raise self.errors.pop(0)
+                return ["answered"]
+
+            return call()
+
+    class Handle:
+        def __init__(self, errors):
+            self.answer = Method(errors)
+            self.status = self.answer
+
+        def options(self, **_):
+            return self
+
+    refused = DeploymentUnavailableError(DeploymentID(name="shard-0", app_name="shardqa"))
+    with pytest.raises(ServiceUnavailable, match="shard 0 cannot take requests .*DeploymentUnavailableError.*failed to deploy"):
+        asyncio.run(ServeShards([Handle([refused])]).answer(0, None))
+    with pytest.raises(ServiceUnavailable, match="BackPressureError"):
+        asyncio.run(ServeShards([Handle([BackPressureError(10, 10)])]).answer(0, None))
+    assert asyncio.run(ServeShards([Handle([ReplicaUnavailableError("r1")])]).answer(0, None)) == ["answered"]
+    assert [type(e).__name__ for e in raised][-1] == "ReplicaUnavailableError"
+    # A timeout from inside Ray on a call without a timeout of its own.
+    with pytest.raises(ServiceUnavailable, match=r"^shard 0 did not answer$"):
+        asyncio.run(ServeShards([Handle([asyncio.TimeoutError()])]).answer(0, None))
+
+
 def test_shard_handles_call_over_the_configured_transport():
     from shardqa.services.shard_client import ServeShards, transport_options
 

@@ -264,3 +264,12 @@ def test_onnx_int8_agrees_on_the_span_for_the_large_majority(capsys):
     with capsys.disabled():
         print(f"\nINT8 vs torch: same best span in {agree}/{len(CASES)} cases ({rate:.1%}); differing: {disagreements[:10]}")
     assert rate >= INT8_MIN_AGREEMENT, f"INT8 agreed on {rate:.1%} of best spans; expected at least {INT8_MIN_AGREEMENT:.0%}"
+
+
+def test_a_stride_is_refused_when_it_leaves_no_room_for_a_question():
+    from shardqa.errors import InvalidRequest
+
+    with pytest.raises(InvalidRequest, match="doc_stride 60 leaves no room for a question in a window of 64 tokens"):
+        Reader.load(FIXTURE, backend="torch", max_seq_len=64, doc_stride=60, threads=1)
+    with pytest.raises(ValueError, match="must be smaller than max_seq_len"):
+        Settings(_env_file=None, max_seq_len=64, doc_stride=64)
