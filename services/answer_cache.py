@@ -72,7 +72,12 @@ def normalise_question(question: str, lowercase: bool) -> str:
     """The key form of a question: canonical, and case-folded only when every
     stage that reads it ignores case."""
     q = canonical_question(question)
-    return q.lower() if lowercase else q
+    if not lowercase:
+        return q
+    # str.lower() maps a word-final capital sigma to "ς", an uncased
+    # tokenizer one character at a time to "σ": two questions it tells apart
+    # would share a key.
+    return q.lower() if "Σ" not in q else "".join(c.lower() for c in q)
 
 
 def cache_key(index_version: str, normalised_question: str, top_k: int, scope: str = "") -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
@@ -34,6 +35,20 @@ def test_the_canonical_question_is_what_every_stage_reads():
 def test_case_folds_only_for_uncased_models():
     assert normalise_question("Who WON?", lowercase=True) == "who won?"
     assert normalise_question("Who WON?", lowercase=False) == "Who WON?"
+
+
+def test_two_questions_share_a_key_only_when_the_tokenizer_reads_them_alike():
+    """Case folds as the uncased tokenizer folds it, one character at a
+    time: str.lower() gives a final capital sigma "ς", the tokenizer "σ"."""
+    from shardqa.tokenization import TextTokenizer
+
+    tok = TextTokenizer.from_pretrained(Path(__file__).parent / "fixtures" / "tiny-bert-qa")
+    questions = ["What is ΟΔΟΣ?", "What is οδος?", "What is οδοσ?", "Who WON?", "who won?"]
+    for a in questions:
+        for b in questions:
+            same_key = normalise_question(a, lowercase=True) == normalise_question(b, lowercase=True)
+            same_ids = tok.tokenize(a).ids.tolist() == tok.tokenize(b).ids.tolist()
+            assert same_key == same_ids, (a, b)
 
 
 def test_memory_backend_expires_and_bounds_entries(monkeypatch):
