@@ -35,6 +35,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Protocol
 
+from shardqa.errors import AnswerTimedOut
 from shardqa.monitoring import metrics
 from shardqa.redis_url import parse_redis_url
 
@@ -310,7 +311,14 @@ class AnswerCache:
             task.add_done_callback(functools.partial(self._finished, key))
         # Shielded: a caller cancelled (its client hung up) stops waiting,
         # while the computation goes on for the other callers and the cache.
-        value, computed = await asyncio.shield(task)
+        try:
+            value, computed = await asyncio.shield(task)
+        except AnswerTimedOut:
+            # The computation this caller joined ran out of its first
+            # caller's time; a caller that came later still has some of its own.
+            if not joined or deadline is None or time.monotonic() >= deadline:
+                raise
+            return await self.compute_once(key, compute, deadline)
         return CacheResult(value, shared=joined or not computed)
 
     def _finished(self, key: str, task: asyncio.Future) -> None:

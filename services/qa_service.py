@@ -25,7 +25,7 @@ from functools import partial
 from itertools import chain
 
 from shardqa.config import Settings
-from shardqa.errors import InvalidRequest, ServiceUnavailable, ShardQAError, TokenizerMismatch
+from shardqa.errors import AnswerTimedOut, InvalidRequest, ServiceUnavailable, ShardQAError, TokenizerMismatch
 from shardqa.monitoring import metrics
 from shardqa.services.answer_cache import AnswerCache, cache_key, normalise_question
 from shardqa.services.questions import QuestionChecker
@@ -328,7 +328,7 @@ class QAService:
         except TimeoutError:
             if not timer.expired():
                 raise  # a timeout of something inside, not the answer's deadline
-            raise ServiceUnavailable(f"no answer within {limit:g} s: the shards are overloaded or stuck") from None
+            raise AnswerTimedOut(f"no answer within {limit:g} s: the shards are overloaded or stuck") from None
 
     def _tokenize_and_route(self, view: IndexView, question: str):
         t0 = time.perf_counter()

@@ -92,3 +92,7 @@ class ServiceUnavailable(ShardQAError):
 
     code = "unavailable"
     http_status = 503
+
+
+class AnswerTimedOut(ServiceUnavailable):
+    """An answer's computation ran out of its request's time."""

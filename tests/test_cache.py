@@ -123,6 +123,49 @@ def test_a_failed_computation_reaches_every_waiter_and_is_not_cached():
     asyncio.run(scenario())
 
 
+def test_a_caller_that_joined_late_keeps_its_own_deadline():
+    """The shared computation times out on its first caller's deadline; a
+    caller that joined later computes once more in the time it has left,
+    while the first caller gets its 503."""
+    import time
+
+    from shardqa.errors import AnswerTimedOut
+
+    cache = AnswerCache(MemoryBackend(), ttl_s=60, timeout_s=0.05)
+    started = []
+
+    def computation(deadline):
+        async def compute():
+            started.append(deadline)
+            if len(started) == 1:
+                await asyncio.sleep(0.05)
+                raise AnswerTimedOut("no answer within 1 s")
+            return b"[late]"
+        return compute
+
+    async def scenario():
+        now = time.monotonic()
+        first = asyncio.ensure_future(cache.get_or_compute("k", computation(now + 0.05), now + 0.05))
+        await asyncio.sleep(0.01)
+        late = await cache.get_or_compute("k", computation(now + 60), now + 60)
+        with pytest.raises(AnswerTimedOut):
+            await first
+        return late
+
+    late = asyncio.run(scenario())
+    assert late.value == b"[late]" and len(started) == 2
+    assert started[1] > started[0]  # the second computation ran on the late caller's deadline
+    # A caller whose own time is up gets the timeout as it is.
+    started.clear()
+
+    async def expired():
+        gone = time.monotonic() - 1
+        return await asyncio.gather(*(cache.get_or_compute("j", computation(gone), gone) for _ in range(2)),
+                                    return_exceptions=True)
+
+    assert [type(r) for r in asyncio.run(expired())] == [AnswerTimedOut, AnswerTimedOut] and len(started) == 1
+
+
 def test_a_caller_that_goes_away_does_not_fail_the_others():
     """The request that started a computation is cancelled (its client hung
     up): the computation goes on, the other callers get its value, and it is cached."""
