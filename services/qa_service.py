@@ -296,6 +296,9 @@ class QAService:
         for i, q in enumerate(questions):
             try:
                 texts.append(self._canonical(q))
+                # Tokens too: a question refused later would fail the call
+                # after the others had started their inference.
+                self.checker.tokenize(texts[-1])
             except ShardQAError as exc:
                 raise _at_position(exc, i) from None
         self._check_top_k(top_k)

@@ -117,6 +117,25 @@ def test_batch_answers_in_order(served):
         check_answers(store, batched, 1)
 
 
+def test_a_batch_with_a_question_too_long_in_tokens_starts_no_inference(served, monkeypatch):
+    client, _, _, shards = served
+    calls = []
+    original = shards.answer
+
+    async def counting(shard, query):
+        calls.append(shard)
+        return await original(shard, query)
+
+    monkeypatch.setattr(shards, "answer", counting)
+    long_in_tokens = "Who " + "x " * 200 + "?"  # under the character limit, over the token limit
+    fresh = "Which river flows through the capital, asked only here?"
+    r = client.post("/v1/answer:batch", json={"questions": [fresh, long_in_tokens]})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "question_too_long", r.text
+    assert r.json()["error"]["message"].startswith("questions[1]: the question has")
+    assert calls == []
+    assert client.post("/v1/answer:batch", json={"questions": [fresh]}).status_code == 200 and calls
+
+
 def test_index_info_and_readiness(served):
     client, store, _, _ = served
     info = client.get("/v1/index").json()
