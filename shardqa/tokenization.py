@@ -22,7 +22,9 @@ from shardqa.types import TokenizedText
 @dataclass(frozen=True)
 class PairTemplate:
     """Special tokens around (question, passage), read off the tokenizer's own
-    post-processor so that any BERT-family template (BERT, RoBERTa, ...) works."""
+    post-processor rather than assumed. Proven equal to the reference
+    tokenizer for BERT's WordPiece template (the tests' fixture and the
+    shipped model); other templates are read the same way but untested."""
 
     prefix: np.ndarray  # ids before the question
     middle: np.ndarray  # ids between question and passage
@@ -84,7 +86,10 @@ class TextTokenizer:
         self.backend.no_padding()
         self.pad_id = int(hf_tokenizer.pad_token_id if hf_tokenizer.pad_token_id is not None else 0)
         self.cls_id = hf_tokenizer.cls_token_id
-        self.question_first = hf_tokenizer.padding_side == "right"
+        if hf_tokenizer.padding_side != "right":
+            # The reference pipeline puts the passage first for such models
+            # (XLNet); the reader's windows are (question, passage) only.
+            raise ModelNotFound("the model's tokenizer pads on the left (passage first), which shardqa does not support")
         self.model_max_length = int(min(getattr(hf_tokenizer, "model_max_length", 512) or 512, 10**6))
         self.unk_id = hf_tokenizer.unk_token_id
         self.template = self._read_template()

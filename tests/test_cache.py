@@ -255,21 +255,21 @@ def test_a_broken_cache_degrades_to_uncached_answers_and_backs_off():
 
 
 def test_a_hung_cache_costs_at_most_its_timeout():
+    gets = []
+
     class Hung(MemoryBackend):
         async def get(self, key):
-            await asyncio.sleep(10)
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                gets.append("cancelled")
+                raise
 
     cache = AnswerCache(Hung(), ttl_s=60, timeout_s=0.05)
-
-    async def scenario():
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
-        result = await cache.get_or_compute("k", lambda: asyncio.sleep(0, b"[]"))
-        return result, loop.time() - t0
-
-    result, elapsed = asyncio.run(scenario())
-    assert result.value == b"[]"
-    assert elapsed < 1.0
+    # The hung get is given up at its timeout (else this would wait an hour),
+    # the answer is computed, and the cache is left alone for a while.
+    result = asyncio.run(cache.get_or_compute("k", lambda: asyncio.sleep(0, b"[]")))
+    assert result.value == b"[]" and gets == ["cancelled"] and not cache.available
 
 
 @pytest.mark.parametrize("bad", ["", "   ", "\n\t"])

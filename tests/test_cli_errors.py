@@ -88,6 +88,7 @@ def test_query_refuses_text_that_is_not_unicode():
     assert "not valid Unicode" in one_line(shardqa("query", "Who \udcff?", "--url", "http://127.0.0.1:1"))
 
 
+@pytest.mark.slow  # a loopback HTTP server
 @pytest.mark.parametrize("status, body, ctype, message", [
     (200, b"[1, 2]", "application/json", "not a shardqa answer"),
     (200, b'{"answers": [{"text": "x"}]}', "application/json", "not a shardqa answer"),

@@ -44,8 +44,9 @@ SCORE_REL = 1e-3
 #: fp32 ONNX Runtime vs torch logits (the tiny model's logits are O(1..10)).
 ONNX_LOGIT_ATOL = 1e-3
 #: Measured at 0.97-0.98 on this fixture (see the printed rate); the
-#: threshold leaves room for other onnxruntime versions' kernels.
-INT8_MIN_AGREEMENT = 0.85
+#: threshold leaves a little room for other onnxruntime versions' kernels,
+#: not for a regression of several points.
+INT8_MIN_AGREEMENT = 0.95
 #: Cases for the fp32 ONNX comparison: every hand-written case (long,
 #: unicode, top-k, small windows, null answers) and every third SQuAD case.
 ONNX_CASES = [c for i, c in enumerate(CASES) if not c["name"].startswith("squad-") or i % 3 == 0]

@@ -155,8 +155,11 @@ def test_all_replicas_reach_prometheus_under_shardqa_names(serve_app, tmp_path):
         assert {r["metric"].get("replica", "") != "" for r in per_replica} == {True}
 
         # Histograms keep shardqa's buckets; the quantile lands where the work is (>= 4 ms sleep).
+        # (No upper bound: how slow a shared machine is says nothing about the metrics.)
         p50 = prom.scalar('histogram_quantile(0.5, sum by (le) (shardqa_request_duration_seconds_bucket{endpoint="/v1/answer"}))')
-        assert 0.004 <= p50 <= 0.1, p50
+        mean = prom.scalar('sum(shardqa_request_duration_seconds_sum{endpoint="/v1/answer"}) / '
+                           'sum(shardqa_request_duration_seconds_count{endpoint="/v1/answer"})')
+        assert p50 >= 0.004 and mean >= 0.004, (p50, mean)
         names = [n for n in httpx.get(f"{prom.url}/api/v1/label/__name__/values", timeout=5).json()["data"] if "shardqa" in n]
         for spec in SPECS:
             suffixes = ("_bucket", "_sum", "_count") if spec.kind == "histogram" else ("",)

@@ -289,3 +289,16 @@ def test_template_is_the_tokenizers_own():
     assert t.suffix.tolist() == [hf.sep_token_id]
     assert (t.type_question, t.type_passage) == (0, 1)
     assert t.type_middle.tolist() == [0] and t.type_suffix.tolist() == [1]
+
+
+def test_a_tokenizer_that_puts_the_passage_first_is_refused(tmp_path):
+    import shutil
+
+    from shardqa.errors import ModelNotFound
+
+    folder = tmp_path / "left"
+    shutil.copytree(FIXTURE, folder)
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**cfg, "padding_side": "left"}))
+    with pytest.raises(ModelNotFound, match="pads on the left"):
+        TextTokenizer.from_pretrained(folder)

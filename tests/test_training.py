@@ -49,7 +49,8 @@ def test_long_context_windows_without_the_answer_point_at_cls(tmp_path):
         {"id": "x", "question": "Who?", "answers": [{"text": "Rollo", "answer_start": ctx.index("Rollo")}]}]}]}]}))
     feats = build_train_features(load_squad(path), tok, max_len=128, stride=32)
     assert len(feats) > 1
-    assert feats[0][2] > 0
+    ids, _, start, end = feats[0][:4]
+    assert 0 < start <= end and tok.decode(ids[start:end + 1].tolist()) == "rollo"
     assert all(f[2] == 0 and f[3] == 0 for f in feats[1:] if "rollo" not in tok.decode(f[0].tolist()))
 
 
