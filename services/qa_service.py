@@ -358,10 +358,16 @@ class QAService:
             return b"[]"
 
         async def read(passages) -> list[list[Answer]]:
-            return await asyncio.gather(
-                *(self._ask(shard, ShardQuery(view.version, tokens, tuple(pids), top_k))
-                  for shard, pids in _group_by_shard(passages).items())
-            )
+            calls = [asyncio.ensure_future(self._ask(shard, ShardQuery(view.version, tokens, tuple(pids), top_k)))
+                     for shard, pids in _group_by_shard(passages).items()]
+            try:
+                return await asyncio.gather(*calls)
+            except BaseException:
+                # The request has failed: the other shards' reads would only
+                # take cores from the requests that can still succeed.
+                for call in calls:
+                    call.cancel()
+                raise
 
         stop_logit = self.settings.read_first_stop_logit
         if stop_logit < math.inf and top_k == 1 and len(to_read) > 1:

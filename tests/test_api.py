@@ -465,3 +465,42 @@ def test_head_is_answered_like_get_without_a_body(client, path):
     assert head.status_code == get.status_code and head.content == b""
     assert head.headers["content-type"] == get.headers["content-type"]
     assert "head" not in client.get("/openapi.json").json()["paths"][path]
+
+
+def test_a_failed_shard_read_cancels_the_other_shards_reads():
+    import asyncio
+
+    from shardqa.errors import ServiceUnavailable
+    from shardqa.types import RoutedPassage, RouteResult
+
+    def two_shards(question):
+        return RouteResult(question, [RoutedPassage("a", "d", 0, "{s0}", 1.0), RoutedPassage("b", "d", 1, "{s1}", 1.0)])
+
+    service = _bare_service(two_shards, read_first_stop_logit=float("inf"), route_min_relative_score=0.0)
+    cancelled = []
+
+    class Shards:
+        num_shards = 2
+
+        async def answer(self, shard, query):
+            if shard == 0:
+                await asyncio.sleep(0.05)
+                raise ServiceUnavailable("shard 0 has no live replica")
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                cancelled.append(shard)
+                raise
+
+    service.shards = Shards()
+
+    async def scenario():
+        try:
+            with pytest.raises(ServiceUnavailable, match="shard 0"):
+                await service.answer("Who lost the battle?")
+            await asyncio.sleep(0)  # let the cancellation land
+        finally:
+            await service.stop()
+
+    asyncio.run(scenario())
+    assert cancelled == [1]
