@@ -104,7 +104,7 @@ class ShardDeployment:
 
     async def prepare(self, version: str) -> ShardStatus:
         await self._load(self.worker.passages, version)
-        return self.worker.status()
+        return self.worker.status(version)
 
     async def status(self, version: str | None = None) -> ShardStatus:
         """What this replica holds. Given the ingress's `version`, a replica
@@ -120,7 +120,7 @@ class ShardDeployment:
                 if problem != self._status_problem:  # once, not on every probe
                     log.warning("shard %d: %s", self.shard, problem)
                 self._status_problem = problem
-        return self.worker.status()
+        return self.worker.status(version)
 
     async def check_health(self) -> None:
         # Serve replaces a replica whose check fails. A wedged model thread

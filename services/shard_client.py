@@ -53,7 +53,7 @@ class LocalShards:
     async def prepare(self, shard: int, version: str) -> ShardStatus:
         worker = self.workers[shard]
         await self._run(worker.passages, version)
-        return worker.status()
+        return worker.status(version)
 
     async def status(self, shard: int, timeout_s: float, version: str | None = None) -> ShardStatus:
         worker = self.workers[shard]
@@ -62,7 +62,7 @@ class LocalShards:
                 await asyncio.wait_for(self._run(worker.passages, version), timeout_s)
             except Exception:  # reported as "does not hold it" by the caller
                 pass
-        return worker.status()
+        return worker.status(version)
 
 
 def transport_options(handle, transport: str):

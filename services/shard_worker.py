@@ -21,7 +21,9 @@ from shardqa.types import Answer, Passage, TokenizedText
 log = logging.getLogger(__name__)
 
 #: Index versions a replica keeps in memory: the current one, and the previous
-#: one for requests routed before a switch that are still in flight.
+#: one for requests routed before a switch that are still in flight. The
+#: least recently used goes first, so two versions published in quick
+#: succession never push out the one still being answered.
 KEEP_VERSIONS = 2
 
 
@@ -106,11 +108,14 @@ class ShardWorker:
         """Whether `version` is in memory (answering it needs no load)."""
         return version in self._versions
 
-    def status(self) -> ShardStatus:
+    def status(self, version: str | None = None) -> ShardStatus:
+        """The versions held; ``passages`` counts `version`'s when held, else
+        the most recently used one's."""
         with self._state_lock:
             versions = tuple(self._versions)
-            newest = len(self._versions[versions[-1]]) if versions else 0
-        return ShardStatus(self.shard, versions, newest, self.reader.model_id)
+            counted = version if version in self._versions else (versions[-1] if versions else None)
+            passages = len(self._versions[counted]) if counted is not None else 0
+        return ShardStatus(self.shard, versions, passages, self.reader.model_id)
 
     # --- answering ---------------------------------------------------------------
 
@@ -151,6 +156,10 @@ class ShardWorker:
         by_id = self._versions.get(query.index_version)
         if by_id is None:
             raise IndexNotFound(f"shard {self.shard} does not hold index version {query.index_version}")
+        if next(reversed(self._versions), None) != query.index_version:
+            with self._state_lock:
+                if query.index_version in self._versions:
+                    self._versions.move_to_end(query.index_version)
         try:
             return [by_id[pid] for pid in query.passage_ids]
         except KeyError as exc:
