@@ -244,15 +244,17 @@ class ShardQACluster:
         code, body = self.readiness(rs)
         if body is not None:
             result.index_version = body.get("index_version")
-            result.index_shards = body.get("shards")
+            shards = body.get("shards")
+            # One entry per shard the service answers with (the served index's).
+            result.index_shards = len(shards) if isinstance(shards, list) and result.index_version else None
             result.index_ready = bool(body.get("ready"))
             result.index_reason = body.get("reason")
+            if body.get("not_served"):
+                # A published version the service will not switch to (another
+                # shard count needs a redeploy): it keeps serving the old one.
+                result.problems.append(str(body["not_served"]))
         else:
             result.problems.append(f"the service's /readyz is unreachable (HTTP {code})")
-        if result.index_shards is not None and result.shards and result.index_shards != len(result.shards):
-            result.problems.append(
-                f"the index has {result.index_shards} shards but {len(result.shards)} shard deployments run"
-            )
         return result
 
     # --- reindexing -------------------------------------------------------------------

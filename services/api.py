@@ -286,7 +286,8 @@ def create_api(service: QAService, settings: Settings) -> FastAPI:
     )
     async def readyz():
         r = await service.readiness()
-        body = {"ready": r.ready, "reason": r.reason, "index_version": r.index_version, "shards": r.shards}
+        body = {"ready": r.ready, "reason": r.reason, "index_version": r.index_version, "shards": r.shards,
+                "not_served": r.not_served}
         return Response(json.dumps(body).encode(), status_code=200 if r.ready else 503, media_type=JSON)
 
     @app.get("/metrics", summary="Prometheus metrics of this ingress replica", response_class=Response)

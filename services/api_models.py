@@ -76,6 +76,8 @@ class Readiness(BaseModel):
     reason: str
     index_version: str | None
     shards: list[ShardReadiness]
+    not_served: str | None = Field(None, description="Why the store's current index version is not the one served "
+                                   "(another shard count, another tokenizer, a router that fails to load); null when it is.")
 
 
 class ErrorDetail(BaseModel):

@@ -84,6 +84,8 @@ class Readiness:
     reason: str
     index_version: str | None
     shards: list[dict]
+    #: why the store's current version is not the one served (None: it is)
+    not_served: str | None = None
 
 
 def encode_answers(answers: list[Answer]) -> bytes:
@@ -194,6 +196,7 @@ class QAService:
         async with self._refresh_lock:
             version = await asyncio.to_thread(self.store.current_version)
             if self.view is not None and self.view.version == version:
+                self._refused = self._failed = None  # the store went back to the version served
                 return False
             if self._refused is not None and self._refused[0] == version:
                 raise ServiceUnavailable(self._refused[1])
@@ -218,6 +221,8 @@ class QAService:
             self._pending = view
             switched = await self._switch(version, view)
             self._pending = None
+            if switched:
+                self._refused = None
             return switched
 
     async def _switch(self, version: str, view: IndexView) -> bool:
@@ -425,10 +430,14 @@ class QAService:
         shard_states = list(await asyncio.gather(*(one(s) for s in range(self.shards.num_shards))))
         if view is None:
             return Readiness(False, self.view_problem or "no index loaded", None, shard_states)
+        # Ready (the version served still answers), but an operator who just
+        # published a version the service will not switch to must see why.
+        newer = next((p for p in (self._refused, self._failed) if p is not None and p[0] != view.version), None)
+        not_served = f"index version {newer[0]} is not served: {newer[-1]}" if newer is not None else None
         missing = [s["shard"] for s in shard_states if not s["ready"]]
         if missing:
-            return Readiness(False, f"shard(s) {missing} not ready", view.version, shard_states)
-        return Readiness(True, "ok", view.version, shard_states)
+            return Readiness(False, f"shard(s) {missing} not ready", view.version, shard_states, not_served)
+        return Readiness(True, "ok", view.version, shard_states, not_served)
 
     def index_info(self) -> dict:
         view = self.current_view()

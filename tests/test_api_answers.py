@@ -198,6 +198,21 @@ def test_an_index_with_another_shard_count_is_not_switched_to(served):
     body = client.post("/v1/answer", json={"question": QUESTIONS[1]}).json()
     assert body["index_version"] == serving
     check_answers(store, body, 1)
+    # Still ready (it answers), and it says why the newest version is not served.
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["index_version"] == serving
+    assert ready.json()["not_served"] == (f"index version {refused} is not served: index version {refused} has 3 shards "
+                                          "but the service was deployed with 2; redeploy to serve it")
+    # The passages counted are the served version's, not the refused one's.
+    per_shard = store.manifest(serving).passages_per_shard
+    assert [s["passages"] for s in ready.json()["shards"]] == list(per_shard)
+    # A version it can serve clears the note.
+    fixed = build_index(SAMPLE, str(store_dir), 2, str(TINY)).version
+    deadline = time.monotonic() + 30
+    while client.get("/v1/index").json()["version"] != fixed:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert client.get("/readyz").json()["not_served"] is None
 
 
 def test_a_replica_that_joins_under_traffic_answers_its_first_request(tmp_path):

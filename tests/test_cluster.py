@@ -97,6 +97,16 @@ async def k8s():
         yield emulator
 
 
+def readyz(version: str | None, shards: int, ready: bool = True, reason: str = "ok", not_served: str | None = None) -> dict:
+    """A /readyz body as the service's API writes it (services/api_models.Readiness)."""
+    from shardqa.services.api_models import Readiness
+
+    body = {"ready": ready, "reason": reason, "index_version": version, "not_served": not_served,
+            "shards": [{"shard": i, "ready": ready, "versions": [version] if version else [], "passages": 10, "detail": ""}
+                       for i in range(shards)]}
+    return Readiness.model_validate(body).model_dump()
+
+
 def server_url(k8s) -> str:
     return str(k8s.url).rstrip("/")
 
@@ -120,7 +130,7 @@ async def test_readiness_is_read_under_the_applications_route_prefix(k8s):
     rs["spec"]["serveConfigV2"] = "applications:\n- name: shardqa\n  route_prefix: /qa/\n  import_path: x:y\n"
     k8s.objects[RAYSERVICE, NS, NAME] = rs
     k8s[SERVE_API] << serve_details({"ingress": (1, 1), "shard-0": (1, 1)})
-    k8s[READYZ.replace("/proxy/readyz", "/proxy/qa/readyz")] << {"ready": True, "reason": None, "index_version": "v1", "shards": 1}
+    k8s[READYZ.replace("/proxy/readyz", "/proxy/qa/readyz")] << readyz("v1", 1)
 
     st = await asyncio.to_thread(cluster(k8s).status)
     assert st.ready and (st.index_version, st.index_ready) == ("v1", True)
@@ -142,7 +152,7 @@ def test_route_prefix_of_a_rayservice():
 async def test_status_of_a_healthy_release(k8s):
     k8s.objects[RAYSERVICE, NS, NAME] = rayservice({"ingress": "HEALTHY", "shard-0": "HEALTHY", "shard-1": "HEALTHY"})
     k8s[SERVE_API] << serve_details({"ingress": (2, 2), "shard-0": (2, 2), "shard-1": (1, 1)})
-    k8s[READYZ] << {"ready": True, "reason": None, "index_version": "v20260101", "shards": 2}
+    k8s[READYZ] << readyz("v20260101", 2)
 
     st = await asyncio.to_thread(cluster(k8s).status)
     assert st.ready and st.service_status == "Running" and st.application_status == "RUNNING"
@@ -159,20 +169,21 @@ async def test_status_of_a_healthy_release(k8s):
 async def test_status_reports_a_shard_without_replicas_and_a_shard_count_mismatch(k8s):
     k8s.objects[RAYSERVICE, NS, NAME] = rayservice({"ingress": "HEALTHY", "shard-0": "HEALTHY", "shard-1": "UNHEALTHY"})
     k8s[SERVE_API] << serve_details({"ingress": (1, 1), "shard-0": (1, 1), "shard-1": (0, 2)})
-    k8s[READYZ] << {"ready": True, "index_version": "v1", "shards": 3}
+    k8s[READYZ] << readyz("v1", 2, not_served="index version v2 is not served: index version v2 has 3 shards but the service was deployed with 2; redeploy to serve it")
 
     st = await asyncio.to_thread(cluster(k8s).status)
     shard1 = st.shards[1]
     assert (shard1.status, shard1.ready_replicas, shard1.target_replicas) == ("UNHEALTHY", 0, 2)
     assert "shard 1 has no ready replica" in st.problems
-    assert "the index has 3 shards but 2 shard deployments run" in st.problems
+    assert ("index version v2 is not served: index version v2 has 3 shards but the service was deployed with 2; "
+            "redeploy to serve it") in st.problems
 
 
 @pytest.mark.asyncio
 async def test_status_without_serve_api_still_reports_kuberay_view(k8s):
     k8s.objects[RAYSERVICE, NS, NAME] = rayservice({"shard-0": "UPDATING"}, ready=False)
     k8s[SERVE_API] << 503 << {"message": "dashboard starting"}
-    k8s[READYZ] << 503 << {"ready": False, "reason": "no index in the store", "index_version": None, "shards": None}
+    k8s[READYZ] << 503 << readyz(None, 1, ready=False, reason="no index in the store")
 
     st = await asyncio.to_thread(cluster(k8s).status)
     assert not st.ready
@@ -241,7 +252,7 @@ async def test_reindex_creates_the_chart_job_waits_and_switches(k8s):
     }
     served = {"version": "v1"}
     # The service switches once the Job's version exists; readyz answers from `served`.
-    k8s[READYZ] << (lambda: {"ready": True, "index_version": served["version"], "shards": 1})
+    k8s[READYZ] << (lambda: readyz(served["version"], 1))
 
     work = asyncio.create_task(
         asyncio.to_thread(cluster(k8s).reindex, "/data/corpus.json", 30, 5, 0.01)
@@ -271,7 +282,7 @@ async def test_reindex_reports_a_failed_job(k8s):
         "metadata": {"name": f"{NAME}-index-job", "namespace": NS},
         "data": {"job.json": json.dumps(HELM_JOB)},
     }
-    k8s[READYZ] << {"ready": True, "index_version": "v1", "shards": 1}
+    k8s[READYZ] << readyz("v1", 1)
     work = asyncio.create_task(asyncio.to_thread(cluster(k8s).reindex, None, 30, 5, 0.01))
     job_name = await play_job_controller(k8s, "", succeed=False)
     with pytest.raises(ClusterError, match=f"index Job {job_name} failed: Job has reached the specified backoff limit"):
@@ -282,7 +293,7 @@ async def test_reindex_reports_a_failed_job(k8s):
 @pytest.mark.asyncio
 async def test_reindex_without_the_chart_job_template(k8s):
     k8s.objects[RAYSERVICE, NS, NAME] = rayservice()
-    k8s[READYZ] << {"ready": True, "index_version": "v1", "shards": 1}
+    k8s[READYZ] << readyz("v1", 1)
     with pytest.raises(ClusterError, match="install the chart with index.enabled=true"):
         await asyncio.to_thread(cluster(k8s).reindex, None, 5, 5, 0.01)
 
@@ -315,7 +326,7 @@ async def test_cli_status_through_a_kubeconfig(k8s, tmp_path: Path, monkeypatch)
 
     k8s.objects[RAYSERVICE, NS, NAME] = rayservice({"ingress": "HEALTHY", "shard-0": "HEALTHY"})
     k8s[SERVE_API] << serve_details({"ingress": (1, 1), "shard-0": (0, 1)})
-    k8s[READYZ] << {"ready": True, "index_version": "v7", "shards": 1}
+    k8s[READYZ] << readyz("v7", 1)
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(
         yaml.safe_dump(
