@@ -18,19 +18,24 @@ from shardqa.errors import ShardQAError
 SAMPLES_PER_ARTICLE = 1
 
 
-def sample_questions(corpus: Path) -> list[tuple[str, tuple[str, ...]]]:
-    """(question, its SQuAD gold answers) for the first questions of each article."""
+def sample_questions(corpus: Path) -> list[tuple[str, tuple[str, ...], str]]:
+    """(question, its SQuAD gold answers, the id of the paragraph holding
+    them) for the first questions of each article."""
+    from shardqa.preprocessing.corpus import squad_doc_id
+
     data = json.loads(corpus.read_text(encoding="utf-8"))
     out = []
     for article in data["data"]:
-        qas = [(qa["question"], tuple(a["text"] for a in qa.get("answers", ()))) for p in article["paragraphs"] for qa in p["qas"]]
+        qas = [(qa["question"], tuple(a["text"] for a in qa.get("answers", ())), squad_doc_id(article["title"], i))
+               for i, p in enumerate(article["paragraphs"]) for qa in p["qas"]]
         out.extend(qas[:SAMPLES_PER_ARTICLE])
     return out
 
 
-def judge(answer: str, gold: tuple[str, ...]) -> str:
+def judge(answer: str, gold: tuple[str, ...], answer_doc: str | None = None, gold_doc: str | None = None) -> str:
     """How the answer compares with SQuAD's gold answers, by the official
-    normalisation: shown so that a miss reads as a miss."""
+    normalisation: shown so that a miss reads as a miss, and says where a
+    miss came from when it is not the gold answer's paragraph."""
     from shardqa.training.squad import best_over_gold, exact_match_score, f1_score
 
     if not gold:
@@ -38,7 +43,25 @@ def judge(answer: str, gold: tuple[str, ...]) -> str:
     if best_over_gold(exact_match_score, answer, gold):
         return "matches the gold answer"
     f1 = best_over_gold(f1_score, answer, gold)
-    return f"gold answer {gold[0]!r}" + (f" (F1 {f1:.2f})" if f1 else ", missed")
+    verdict = f"gold answer {gold[0]!r}" + (f" (F1 {f1:.2f})" if f1 else ", missed")
+    if answer_doc and gold_doc and answer_doc != gold_doc:
+        verdict += f": the answer is from {answer_doc}, the gold answer from {gold_doc}"
+    return verdict
+
+
+def cli_command() -> str:
+    """How to run shardqa from here, for the commands the demo prints: its
+    name when it is on PATH, else the script that is running (after
+    `make demo`, .venv/bin/shardqa)."""
+    import shutil
+    import sys
+
+    if shutil.which("shardqa"):
+        return "shardqa"
+    script = Path(sys.argv[0])
+    if script.name == "shardqa" and script.is_file():
+        return os.path.relpath(script) if script.is_absolute() else str(script)
+    return f"{os.path.relpath(sys.executable)} -m shardqa.cli"
 
 
 def demo_settings(base, store_dir: Path, host: str, port: int):
@@ -138,16 +161,16 @@ def run_demo(
             f"  curl -s {url}/v1/answer -H 'content-type: application/json' "
             "-d '{\"question\": \"Who gave their name to Normandy?\", \"top_k\": 1}'"
         )
-        echo(f"  shardqa query \"Who gave their name to Normandy?\" --url {url}")
+        echo(f"  {cli_command()} query \"Who gave their name to Normandy?\" --url {url}")
         echo("")
         with httpx.Client() as client:
-            for q, gold in sample_questions(corpus):
+            for q, gold, gold_doc in sample_questions(corpus):
                 t = time.perf_counter()
                 body = ask(url, q, client=client)
                 ms = 1000 * (time.perf_counter() - t)
                 best = body["answers"][0] if body["answers"] else None
                 answer = f"{best['text']!r} (score {best['score']:.2f}, {best['doc_id']}, shard {best['shard']})" if best else "no answer"
-                verdict = judge(best["text"] if best else "", gold)
+                verdict = judge(best["text"] if best else "", gold, best["doc_id"] if best else None, gold_doc)
                 echo(f"  Q: {q}\n  A: {answer}  [{ms:.0f} ms]" + (f"\n     {verdict}" if verdict else ""))
         if serve_forever:
             echo("")

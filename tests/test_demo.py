@@ -203,8 +203,12 @@ def test_the_demo_judges_its_sample_answers_against_the_gold_ones():
     from shardqa.services.demo import judge, sample_questions
 
     samples = sample_questions(DEFAULT_SAMPLE_CORPUS)
-    assert len(samples) == 4 and all(q.endswith("?") and gold for q, gold in samples)
+    assert len(samples) == 4 and all(q.endswith("?") and gold for q, gold, _ in samples)
+    assert samples[0] == ("In what country is Normandy located?", ("France",) * 4, "Normans#0")
     assert judge("the France", ("France",)) == "matches the gold answer"
+    assert (judge("Normandy", ("France",), "Normans#39", "Normans#0")
+            == "gold answer 'France', missed: the answer is from Normans#39, the gold answer from Normans#0")
+    assert judge("France", ("France",), "Normans#39", "Normans#0") == "matches the gold answer"
     assert judge("northern France", ("France", "France.")) == "gold answer 'France' (F1 0.67)"
     assert judge("Rollo", ("France",)) == "gold answer 'France', missed"
     assert judge("", ("France",)) == "gold answer 'France', missed"
@@ -326,3 +330,23 @@ def test_a_failed_serve_start_stops_the_embedded_ray_and_says_what_failed(monkey
     monkeypatch.setattr(serve, "start", other_failure)
     with pytest.raises(ValueError, match="something else"):
         runtime.deploy(config, "127.0.0.1", free_port())
+
+
+def test_the_printed_command_runs_from_where_the_demo_was_started(monkeypatch, tmp_path):
+    import os
+    import shutil
+    import sys
+
+    from shardqa.services.demo import cli_command
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    script = tmp_path / ".venv" / "bin" / "shardqa"
+    script.parent.mkdir(parents=True)
+    script.write_text("#!/bin/sh\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [str(script), "demo"])
+    assert cli_command() == os.path.join(".venv", "bin", "shardqa")
+    monkeypatch.setattr(sys, "argv", ["-m"])  # python -m shardqa.cli demo
+    assert cli_command().endswith(" -m shardqa.cli")
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/local/bin/shardqa")
+    assert cli_command() == "shardqa"
