@@ -20,6 +20,8 @@ import json
 import logging
 import os
 import tempfile
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -51,18 +53,39 @@ def atomic_write(target: Path, write) -> None:
             os.unlink(tmp)
 
 
+@contextmanager
+def quiet_tools():
+    """The exporter's tracer warnings and the quantiser's advice speak to
+    whoever calls those tools, not to a shardqa user. The quantiser logs
+    through the root logger, whose first use would also switch on every
+    library's DEBUG lines for the rest of the process (logging.basicConfig)."""
+    root = logging.getLogger()
+    guard = logging.NullHandler() if not root.handlers else None
+    if guard is not None:
+        root.addHandler(guard)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        if guard is not None:
+            root.removeHandler(guard)
+
+
 def cached_export(folder: Path, stem: str, model_dir: Path, export_fp32, int8: bool) -> Path:
     """``folder/stem.onnx`` made once by ``export_fp32(model_dir, path)``, and
     with ``int8`` its quantised copy ``folder/stem-int8-<INT8_LAYOUT>.onnx``, made once too."""
     fp32 = folder / f"{stem}.onnx"
     if not fp32.exists():
         log.info("exporting %s to ONNX (once; cached under %s)", model_dir, folder)
-        atomic_write(fp32, lambda tmp: export_fp32(model_dir, tmp))
+        with quiet_tools():
+            atomic_write(fp32, lambda tmp: export_fp32(model_dir, tmp))
     if not int8:
         return fp32
     q = folder / f"{stem}-int8-{INT8_LAYOUT}.onnx"
     if not q.exists():
-        atomic_write(q, lambda tmp: quantize_int8(fp32, model_dir, tmp))
+        with quiet_tools():
+            atomic_write(q, lambda tmp: quantize_int8(fp32, model_dir, tmp))
     return q
 
 

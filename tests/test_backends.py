@@ -119,3 +119,23 @@ def test_onnx_spin_wait_follows_the_setting(tmp_path, spin):
     settings = settings_with({"model": str(TINY), "backend": "onnx", "cache_dir": str(tmp_path), "threads": 2, "onnx_spin_wait": spin})
     session = Reader.load(settings=settings).backend.session
     assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == ("1" if spin else "0")
+
+
+def test_export_tools_neither_warn_nor_switch_on_root_logging():
+    """The quantiser logs through the root logger: unguarded, its first line
+    would install logging.basicConfig and print every library's DEBUG lines
+    from then on."""
+    import subprocess
+    import sys
+
+    code = (
+        "import logging, warnings\n"
+        "from shardqa.onnx_export import quiet_tools\n"
+        "with quiet_tools():\n"
+        "    logging.warning('Please consider to run pre-processing before quantization')\n"
+        "    warnings.warn('a tracer warning')\n"
+        "assert not logging.getLogger().handlers, logging.getLogger().handlers\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "" and proc.stdout == ""
