@@ -69,14 +69,17 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     ) -> None:
         """Recall@1/3/5/8 of the router (gold answer inside a routed passage), shards touched, passage tokens and latency, next to plain BM25 over the same passages."""
+        from shardqa.config import get_settings
+        from shardqa.preprocessing.corpus import read_squad_questions
         from shardqa.preprocessing.store import open_store
         from shardqa.router import Router
-        from shardqa.config import get_settings
         from shardqa.router.evaluate import KS, evaluate_routing
 
+        questions = read_squad_questions(squad_json)  # a bad file fails before the router loads (seconds)
         st = open_store(store)
         router = Router.from_store(st, version)
-        ev = evaluate_routing(router, st, squad_json, limit=limit, max_chars=get_settings().max_question_chars)
+        ev = evaluate_routing(router, st, squad_json, limit=limit, max_chars=get_settings().max_question_chars,
+                              questions=questions)
         if as_json:
             typer.echo(json.dumps(ev.to_json()))
             return

@@ -106,11 +106,12 @@ def service_questions(questions, max_chars: int | None):
 
 
 def evaluate_routing(router, store, squad_path, limit: int | None = None, baseline: bool = True,
-                     max_chars: int | None = None) -> RouteEval:
-    """``max_chars``: the service's question length limit (None: no limit)."""
+                     max_chars: int | None = None, questions=None) -> RouteEval:
+    """``max_chars``: the service's question length limit (None: no limit);
+    ``questions``: ``squad_path``'s, when the caller has read them already."""
     from shardqa.preprocessing.corpus import read_squad_questions
 
-    questions = read_squad_questions(squad_path)
+    questions = read_squad_questions(squad_path) if questions is None else questions
     if limit:
         questions = questions[:limit]
     questions, refused = service_questions(questions, max_chars)

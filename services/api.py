@@ -59,15 +59,18 @@ ERRORS = {
 }
 
 
-def error_response(status: int, code: str, message: str) -> Response:
+def error_response(status: int, code: str, message: str, headers: dict | None = None) -> Response:
     metrics.record_error(code)
-    return Response(json.dumps({"error": {"code": code, "message": message}}).encode(), status_code=status, media_type=JSON)
+    return Response(json.dumps({"error": {"code": code, "message": message}}).encode(), status_code=status,
+                    media_type=JSON, headers=headers)
 
 
 def _describe_validation(exc: RequestValidationError) -> tuple[int, str, str]:
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
         return 400, "invalid_json", "the request body is not valid JSON"
+    if any(e.get("loc") == ("body",) and e.get("type") == "missing" for e in errors):
+        return 422, "validation_error", 'the request body is empty: send a JSON object, like {"question": "..."}'
     if any(e.get("loc") == ("body",) and e.get("type") in ("model_attributes_type", "dict_type") for e in errors):
         return 422, "validation_error", 'the request body must be a JSON object, like {"question": "..."}'
     parts = []
@@ -244,7 +247,8 @@ def create_api(service: QAService, settings: Settings) -> FastAPI:
                                                        "UTF-8 text, nested at most a few hundred levels, with numbers "
                                                        "of at most 4,300 digits")
         code = _STATUS_CODES.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, code, str(exc.detail))
+        # Starlette's own headers, such as a 405's Allow, which HTTP requires.
+        return error_response(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))
 
     @app.exception_handler(ShardQAError)
     async def on_shardqa_error(request: Request, exc: ShardQAError):

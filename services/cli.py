@@ -53,6 +53,10 @@ def register(app: typer.Typer) -> None:
 
         if not canonical_question(text):
             raise fail("the context is empty (it has only control or invisible characters)")
+        from shardqa.config import get_settings
+        from shardqa.services.questions import check_question_text
+
+        check_question_text(question, get_settings().max_question_chars)  # before the model loads (seconds)
         t0 = time.perf_counter()
         reader = Reader.load(model, backend)
         loaded = time.perf_counter()

@@ -44,8 +44,12 @@ def _answer_body(response: httpx.Response) -> dict:
 def service_url(url: str) -> str:
     """``url`` as a service's base URL (no trailing slash), or a one-line error
     before anything waits on it."""
-    # A base URL copied with its trailing slash would otherwise ask //v1/answer (404).
+    # A base URL copied with its trailing slash would otherwise ask //v1/answer
+    # (404), and so would the endpoint's own URL, copied from a curl line.
     url = url.rstrip("/")
+    for endpoint in ("/v1/answer", "/v1/answer:batch"):
+        if url.endswith(endpoint):
+            url = url[: -len(endpoint)]
     try:
         parsed = httpx.URL(url)
     except (httpx.InvalidURL, ValueError, TypeError) as exc:

@@ -354,8 +354,9 @@ def check_qa_model(model_dir: Path) -> None:
     cfg = check_model_folder(model_dir)
     archs = cfg.get("architectures") or []
     if not any(a.endswith("ForQuestionAnswering") for a in archs):
+        kind = ", ".join(archs) or cfg.get("model_type")
         raise NotAQAModel(
-            f"{model_dir} is a {', '.join(archs) or cfg.get('model_type', 'unknown')} model, not a question-answering "
+            f"{model_dir} is {f'a {kind} model' if kind else 'a model of unknown kind'}, not a question-answering "
             "model (its config names no *ForQuestionAnswering architecture)"
         )
 

@@ -44,7 +44,7 @@ def register(app: typer.Typer) -> None:
         shards_config: Optional[Path] = typer.Option(None, "--shards-config", help="JSON/YAML file: replicas and resources per shard"),
         model: Optional[str] = typer.Option(None, "--model", "-m", help="QA model directory"),
         backend: Optional[Backend] = typer.Option(None, "--backend", "-b", help="torch, onnx or onnx-int8"),
-        replicas_per_shard: Optional[int] = typer.Option(None, "--replicas-per-shard", min=1),
+        replicas_per_shard: Optional[int] = typer.Option(None, "--replicas-per-shard", min=1, help="replicas of every shard deployment (2 or more: a lost replica costs no availability) [default: SHARDQA_REPLICAS_PER_SHARD]"),
         num_cpus: Optional[float] = typer.Option(None, "--num-cpus", min=0, help="CPUs per shard replica"),
         num_gpus: Optional[float] = typer.Option(None, "--num-gpus", min=0, help="GPUs per shard replica"),
         cache_url: Optional[str] = typer.Option(None, "--cache-url", help="Redis URL of the answer cache (else in-process)"),

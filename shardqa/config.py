@@ -225,6 +225,8 @@ class Settings(BaseSettings):
 def settings_error_line(exc: ValidationError, *, env: bool) -> str:
     """One line for rejected settings: each field (as its SHARDQA_* variable
     when the value came from the environment), the value and the problem."""
+    from shardqa.errors import one_line
+
     parts = []
     for e in exc.errors():
         name = ".".join(str(p) for p in e.get("loc", ())) or "settings"
@@ -234,7 +236,7 @@ def settings_error_line(exc: ValidationError, *, env: bool) -> str:
             from shardqa.redis_url import redact_url
 
             value = redact_url(value)  # a URL's password stays out of logs
-        parts.append(f"{label}={value!r}: {e.get('msg', 'invalid')}")
+        parts.append(f"{label}={value!r}: {one_line(e.get('msg', 'invalid'), 1000)}")
     return "invalid setting " + "; ".join(parts)
 
 

