@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import time
 
-from shardqa.errors import IndexNotFound, StoreError, one_line
+from shardqa.errors import IndexNotFound, StoreError, StoreUnreachable, one_line
 from shardqa.preprocessing.store import (
     SHARD_ARRAYS,
     IndexBundle,
@@ -66,15 +66,17 @@ def check_redis(url: str, what: str = "Redis") -> None:
         raise StoreError(f"{what}: {exc}") from None
 
 
-def _unreachable(url: str, exc: Exception) -> str:
-    """Why a connection failed: a server that wants a password is reachable."""
+def _unreachable(url: str, exc: Exception) -> StoreError:
+    """Why a connection failed: a server that wants a password is reachable
+    (and asking again will not mend the login); one that did not answer may
+    answer later."""
     text = one_line(exc)
     if type(exc).__name__ in ("AuthenticationError", "AuthenticationWrongNumberOfArgsError") or any(
         mark in text for mark in ("NOAUTH", "WRONGPASS", "authenticated", "invalid password", "invalid username-password")
     ):
-        return (f"Redis at {url} refused the login ({text}); give the password in the URL, "
-                f"e.g. redis://:PASSWORD@host:port or redis://USER:PASSWORD@host:port")
-    return f"cannot reach Redis at {url}: {text}"
+        return StoreError(f"Redis at {url} refused the login ({text}); give the password in the URL, "
+                          f"e.g. redis://:PASSWORD@host:port or redis://USER:PASSWORD@host:port")
+    return StoreUnreachable(f"cannot reach Redis at {url}: {text}")
 
 
 class RedisStore(IndexStore):
@@ -93,24 +95,43 @@ class RedisStore(IndexStore):
             self.cluster = target.cluster
             common = dict(socket_timeout=socket_timeout, socket_connect_timeout=min(socket_timeout, 5.0))
             if self.cluster:
-                from redis.cluster import ClusterNode, RedisCluster
+                from redis.cluster import ClusterNode
 
-                nodes = [ClusterNode(host, port) for host, port in target.nodes]
-                self._client = RedisCluster(startup_nodes=nodes, ssl=target.ssl, **target.tls_options, **target.auth, **common)
+                self._cluster_args = dict(startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
+                                          ssl=target.ssl, **target.tls_options, **target.auth, **common)
+                self._cluster_client = None
             else:
-                self._client = redis.Redis.from_url(target.single_server_url(without=("prefix",)), **common)
+                # Connects on first use, like the cluster client below.
+                self._single_client = redis.Redis.from_url(target.single_server_url(without=("prefix",)), **common)
         except StoreError:
             raise
-        except self._redis_errors as exc:
-            raise StoreError(_unreachable(self.url, exc)) from None
-        except self._cluster_error as exc:
-            if "cannot be connected" in str(exc):
-                raise StoreError(_unreachable(self.url, exc)) from None
-            raise StoreError(f"Redis at {self.url} refused a cluster connection: {exc}") from None
         except (ValueError, self._response_error) as exc:
             raise StoreError(f"bad Redis store URL {self.url}: {exc}") from None
-        #: the redis-py client (``redis.Redis`` or ``redis.cluster.RedisCluster``)
-        self.r = self._client
+
+    @property
+    def _client(self):
+        """The redis-py client (``redis.Redis`` or ``redis.cluster.RedisCluster``).
+        A cluster client connects when made, so it is made on first use: a
+        store opened while Redis is down (a shard replica starting) fails
+        its first call, which the caller can try again, not its constructor."""
+        if not self.cluster:
+            return self._single_client
+        if self._cluster_client is None:
+            from redis.cluster import RedisCluster
+
+            try:
+                self._cluster_client = RedisCluster(**self._cluster_args)
+            except self._redis_errors as exc:
+                raise _unreachable(self.url, exc) from None
+            except self._cluster_error as exc:
+                if "cannot be connected" in str(exc):
+                    raise _unreachable(self.url, exc) from None
+                raise StoreError(f"Redis at {self.url} refused a cluster connection: {exc}") from None
+        return self._cluster_client
+
+    @property
+    def r(self):
+        return self._client
 
     # --- keys ------------------------------------------------------------------------
     def _k(self, *parts: str) -> str:
@@ -127,7 +148,7 @@ class RedisStore(IndexStore):
         try:
             return fn(*args, **kwargs)
         except self._redis_errors as exc:
-            raise StoreError(_unreachable(self.url, exc)) from None
+            raise _unreachable(self.url, exc) from None
         except self._response_error as exc:
             raise StoreError(f"Redis at {self.url} refused: {exc}") from None
 
@@ -135,8 +156,10 @@ class RedisStore(IndexStore):
         self._call(self._client.ping)
 
     def close(self) -> None:
+        client = self._cluster_client if self.cluster else self._single_client
         try:
-            self._client.close()
+            if client is not None:
+                client.close()
         except Exception:  # noqa: BLE001 - closing is best effort
             pass
 

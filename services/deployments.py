@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ray import serve
 
-from shardqa.errors import IndexNotFound, StoreError, TokenizerMismatch
+from shardqa.errors import IndexNotFound, StoreUnreachable
 from shardqa.services.service_config import ServiceConfig
 from shardqa.services.shard_worker import ShardQuery, ShardStatus, ShardWorker, answers_or_raise
 from shardqa.types import Answer
@@ -51,12 +51,12 @@ class ShardDeployment:
             await self._load(self.worker.load_current)
         except IndexNotFound as exc:
             log.warning("shard %d: no index yet (%s); loading it when it appears", shard, exc)
-        except TokenizerMismatch:
-            raise  # passages cut by another tokenizer: waiting would not mend it
-        except StoreError as exc:
-            # A store briefly unreachable must not fail the constructor: Serve
-            # gives up on a deployment whose replicas never started, for good.
-            log.warning("shard %d: cannot load the index yet (%s); trying again every %.0f s", shard, exc,
+        except StoreUnreachable as exc:
+            # A store briefly down must not fail the constructor: Serve gives
+            # up for good on a deployment whose replicas never started. Other
+            # store errors (another tokenizer, a damaged index) do not mend
+            # by waiting, and fail the deployment loudly.
+            log.warning("shard %d: cannot load the index yet (%s); trying again every %g s", shard, exc,
                         settings.index_refresh_s)
         self._status_problem = ""
         self._refresher = asyncio.create_task(self._refresh_loop())

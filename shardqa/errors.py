@@ -68,6 +68,10 @@ class StoreError(ShardQAError):
     http_status = 503
 
 
+class StoreUnreachable(StoreError):
+    """The store did not answer (connection refused, timed out): worth trying again."""
+
+
 class IndexNotFound(StoreError):
     code = "index_not_found"
 

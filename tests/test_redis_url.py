@@ -117,7 +117,7 @@ def test_a_cluster_url_hands_its_ca_file_to_the_cluster_clients(monkeypatch):
     monkeypatch.setattr(aioredis, "RedisCluster", FakeCluster)
     monkeypatch.setattr(redis.cluster, "RedisCluster", FakeCluster)
     url = "rediss+cluster://app:pw@10.0.0.1:6379?ssl_ca_certs=/etc/shardqa/redis-ca/ca.crt"
-    RedisStore(url)
+    assert RedisStore(url).r is not None  # the cluster client is made on first use
     RedisBackend(url, 0.05)._connect()
     assert [(kw["ssl"], kw["ssl_ca_certs"], kw["username"]) for kw in seen] == [(True, "/etc/shardqa/redis-ca/ca.crt", "app")] * 2
     assert parse_redis_url(url.replace("rediss+", "redis+")).tls_options == {}  # no TLS, no CA
