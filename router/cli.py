@@ -75,11 +75,18 @@ def register(app: typer.Typer) -> None:
         from shardqa.router import Router
         from shardqa.router.evaluate import KS, evaluate_routing
 
+        from shardqa.services.questions import QuestionChecker
+        from shardqa.services.reader import resolve_model_dir
+        from shardqa.tokenization import TextTokenizer
+
         questions = read_squad_questions(squad_json)  # a bad file fails before the router loads (seconds)
+        settings = get_settings()
+        # The service's own question checks, tokens included, with its model's tokenizer.
+        checker = QuestionChecker.for_settings(
+            settings, TextTokenizer.from_pretrained(resolve_model_dir(settings.model, settings.cache_dir)))
         st = open_store(store)
         router = Router.from_store(st, version)
-        ev = evaluate_routing(router, st, squad_json, limit=limit, max_chars=get_settings().max_question_chars,
-                              questions=questions)
+        ev = evaluate_routing(router, st, squad_json, limit=limit, questions=questions, checker=checker)
         if as_json:
             typer.echo(json.dumps(ev.to_json()))
             return
@@ -106,6 +113,7 @@ def register(app: typer.Typer) -> None:
             highlight=False,
         )
         if ev.refused:
-            con.print(f"[yellow]{ev.refused} questions left out: the service would refuse them (empty, too long or not text)[/]")
+            con.print(f"[yellow]{ev.refused} questions left out: the service would refuse them (empty, too long, not text "
+                      "or without a word the model knows)[/]")
         if ev.missing_documents:
             con.print(f"[yellow]{ev.missing_documents} questions ask about contexts not in the index (counted as misses)[/]")

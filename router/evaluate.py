@@ -40,7 +40,7 @@ class RouteEval:
     #: share of questions for which the dense encoder ran (the rest were lexically confident)
     dense_share: float | None = None
     mean_ms: float = 0.0
-    #: questions the service would refuse (empty, too long, not text); left out of every figure
+    #: questions the service would refuse (empty, too long, not text, no known word); left out of every figure
     refused: int = 0
 
     def to_json(self) -> dict:
@@ -86,10 +86,11 @@ def check_built_from(index_doc_ids, question_doc_ids, squad_path, version: str, 
     return missing
 
 
-def service_questions(questions, max_chars: int | None):
+def service_questions(questions, max_chars: int | None, checker=None):
     """The questions as the service routes them (canonical text), and how many
     it would refuse before routing; a router measured on questions the
-    service never routes would report figures no user sees."""
+    service never routes would report figures no user sees. ``checker``
+    (the service's QuestionChecker) adds its token checks."""
     from dataclasses import replace
 
     from shardqa.services.questions import check_question_text
@@ -97,24 +98,29 @@ def service_questions(questions, max_chars: int | None):
     kept = []
     for q in questions:
         try:
-            kept.append(replace(q, question=check_question_text(q.question, max_chars)))
+            text = checker.check_text(q.question) if checker is not None else check_question_text(q.question, max_chars)
+            if checker is not None:
+                checker.tokenize(text)
+            kept.append(replace(q, question=text))
         except ShardQAError:
             pass
     if not kept:
-        raise CorpusError(f"the service would refuse all {len(questions)} questions (empty, too long or not text)")
+        raise CorpusError(f"the service would refuse all {len(questions)} questions (empty, too long, not text or "
+                          "without a word the model knows)")
     return kept, len(questions) - len(kept)
 
 
 def evaluate_routing(router, store, squad_path, limit: int | None = None, baseline: bool = True,
-                     max_chars: int | None = None, questions=None) -> RouteEval:
+                     max_chars: int | None = None, questions=None, checker=None) -> RouteEval:
     """``max_chars``: the service's question length limit (None: no limit);
+    ``checker``: the service's QuestionChecker, whose checks replace it;
     ``questions``: ``squad_path``'s, when the caller has read them already."""
     from shardqa.preprocessing.corpus import read_squad_questions
 
     questions = read_squad_questions(squad_path) if questions is None else questions
     if limit:
         questions = questions[:limit]
-    questions, refused = service_questions(questions, max_chars)
+    questions, refused = service_questions(questions, max_chars, checker)
     doc_index = {d: i for i, d in enumerate(router.doc_ids)}
     missing = check_built_from(doc_index, [q.doc_id for q in questions], squad_path, router.version, store.url)
     kmax = max(KS)

@@ -75,10 +75,11 @@ def normalise_question(question: str, lowercase: bool) -> str:
     q = canonical_question(question)
     if not lowercase:
         return q
-    # str.lower() maps a word-final capital sigma to "ς", an uncased
-    # tokenizer one character at a time to "σ": two questions it tells apart
-    # would share a key.
-    return q.lower() if "Σ" not in q else "".join(c.lower() for c in q)
+    # A capital sigma stays as it is: str.lower() (the router's analyzer)
+    # makes a word-final one "ς", an uncased tokenizer, one character at a
+    # time, "σ"; folded either way, two questions one stage tells apart would
+    # share a key.
+    return q.lower() if "Σ" not in q else "".join(c if c == "Σ" else c.lower() for c in q)
 
 
 def cache_key(index_version: str, normalised_question: str, top_k: int, scope: str = "") -> str:
@@ -244,6 +245,7 @@ class AnswerCache:
         self.retry_after_s = retry_after_s
         self._down_until = 0.0
         self._inflight: dict[str, asyncio.Future[tuple[bytes, bool]]] = {}
+        self._started: dict[asyncio.Future, float] = {}  # when each in-flight computation began
 
     @classmethod
     def from_url(cls, url: str | None, ttl_s: int, timeout_s: float, peer_wait_s: float = 30.0) -> "AnswerCache":
@@ -308,15 +310,20 @@ class AnswerCache:
         if task is None:
             task = asyncio.ensure_future(self._fill(key, compute, deadline))
             self._inflight[key] = task
+            self._started[task] = time.monotonic()
             task.add_done_callback(functools.partial(self._finished, key))
+        started = self._started.get(task, time.monotonic())
         # Shielded: a caller cancelled (its client hung up) stops waiting,
         # while the computation goes on for the other callers and the cache.
         try:
             value, computed = await asyncio.shield(task)
         except AnswerTimedOut:
             # The computation this caller joined ran out of its first
-            # caller's time; a caller that came later still has some of its own.
-            if not joined or deadline is None or time.monotonic() >= deadline:
+            # caller's time. A caller that came later tries once more only
+            # with at least half the time that one had: less would most
+            # likely time out too, adding load to shards already too slow.
+            now = time.monotonic()
+            if not joined or deadline is None or deadline - now < (now - started) / 2:
                 raise
             return await self.compute_once(key, compute, deadline)
         return CacheResult(value, shared=joined or not computed)
@@ -324,6 +331,7 @@ class AnswerCache:
     def _finished(self, key: str, task: asyncio.Future) -> None:
         if self._inflight.get(key) is task:
             del self._inflight[key]
+        self._started.pop(task, None)
         if not task.cancelled():
             # Retrieved here, so a failure whose callers all went away is
             # not logged as "exception was never retrieved".

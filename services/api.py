@@ -65,14 +65,15 @@ def error_response(status: int, code: str, message: str, headers: dict | None = 
                     media_type=JSON, headers=headers)
 
 
-def _describe_validation(exc: RequestValidationError) -> tuple[int, str, str]:
+def _describe_validation(exc: RequestValidationError, path: str = "") -> tuple[int, str, str]:
     errors = exc.errors()
+    like = '{"questions": ["...", "..."]}' if path.endswith(":batch") else '{"question": "..."}'
     if any(e.get("type") == "json_invalid" for e in errors):
         return 400, "invalid_json", "the request body is not valid JSON"
     if any(e.get("loc") == ("body",) and e.get("type") == "missing" for e in errors):
-        return 422, "validation_error", 'the request body is empty: send a JSON object, like {"question": "..."}'
+        return 422, "validation_error", f"the request body is empty: send a JSON object, like {like}"
     if any(e.get("loc") == ("body",) and e.get("type") in ("model_attributes_type", "dict_type") for e in errors):
-        return 422, "validation_error", 'the request body must be a JSON object, like {"question": "..."}'
+        return 422, "validation_error", f"the request body must be a JSON object, like {like}"
     parts = []
     for e in errors[:5]:
         # A field named "" is named as such; a 30,000-character one is not echoed whole.
@@ -237,7 +238,7 @@ def create_api(service: QAService, settings: Settings) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError):
-        status, code, message = _describe_validation(exc)
+        status, code, message = _describe_validation(exc, request.url.path)
         return error_response(status, code, message)
 
     @app.exception_handler(StarletteHTTPException)

@@ -118,6 +118,8 @@ class QAService:
         #: A version found unservable (other shard count or tokenizer) and why;
         #: not retried until the store's current version changes.
         self._refused: tuple[str, str] | None = None
+        #: the store's current version when last looked at
+        self._latest: str | None = None
         #: A version whose load failed otherwise: (version, failures, next
         #: attempt on the monotonic clock, problem). Tried again with a
         #: doubling wait, as the failure may pass (a store briefly
@@ -195,6 +197,7 @@ class QAService:
         """Switch to the store's current version if it changed; True if switched."""
         async with self._refresh_lock:
             version = await asyncio.to_thread(self.store.current_version)
+            self._latest = version
             if self.view is not None and self.view.version == version:
                 self._refused = self._failed = None  # the store went back to the version served
                 return False
@@ -301,12 +304,21 @@ class QAService:
         for i, q in enumerate(questions):
             try:
                 texts.append(self._canonical(q))
-                # Tokens too: a question refused later would fail the call
-                # after the others had started their inference.
-                self.checker.tokenize(texts[-1])
             except ShardQAError as exc:
                 raise _at_position(exc, i) from None
         self._check_top_k(top_k)
+
+        def check_tokens() -> None:
+            for i, text in enumerate(texts):
+                try:
+                    self.checker.tokenize(text)
+                except ShardQAError as exc:
+                    raise _at_position(exc, i) from None
+
+        # Tokens too, before any question starts: one refused later would
+        # fail the call after the others had begun their inference. Off the
+        # event loop, as routing is (64 questions take milliseconds).
+        await asyncio.get_running_loop().run_in_executor(self._route_pool, check_tokens)
         view = self.current_view()
         metrics.record_stage("validate", time.perf_counter() - t0)
         # Each question takes the single-question path; the shards' dynamic
@@ -432,7 +444,8 @@ class QAService:
             return Readiness(False, self.view_problem or "no index loaded", None, shard_states)
         # Ready (the version served still answers), but an operator who just
         # published a version the service will not switch to must see why.
-        newer = next((p for p in (self._refused, self._failed) if p is not None and p[0] != view.version), None)
+        newer = next((p for p in (self._refused, self._failed)
+                      if p is not None and p[0] == self._latest and p[0] != view.version), None)
         not_served = f"index version {newer[0]} is not served: {newer[-1]}" if newer is not None else None
         missing = [s["shard"] for s in shard_states if not s["ready"]]
         if missing:

@@ -69,9 +69,11 @@ class ShardWorker:
     # --- index versions ---------------------------------------------------------
 
     def passages(self, version: str) -> dict[str, Passage]:
-        """This shard's passages of `version`, loaded on first use."""
+        """This shard's passages of `version`, loaded on first use (a use:
+        the ingress preparing or asking about a version counts, as answering does)."""
         found = self._versions.get(version)
         if found is not None:
+            self._touch(version)
             return found
         with self._load_lock:  # one load per version even when requests race
             found = self._versions.get(version)
@@ -97,6 +99,12 @@ class ShardWorker:
             log.info("shard %d: dropped index version %s", self.shard, old)
         log.info("shard %d: loaded %d passages of index version %s in %.2fs", self.shard, len(by_id), version, time.perf_counter() - t0)
         return by_id
+
+    def _touch(self, version: str) -> None:
+        """Mark `version` most recently used, so it is the last to be dropped."""
+        with self._state_lock:  # the loader thread changes the order too
+            if version in self._versions:
+                self._versions.move_to_end(version)
 
     def load_current(self) -> str:
         """Load the store's current version (start-up, and when it changes)."""
@@ -156,10 +164,7 @@ class ShardWorker:
         by_id = self._versions.get(query.index_version)
         if by_id is None:
             raise IndexNotFound(f"shard {self.shard} does not hold index version {query.index_version}")
-        if next(reversed(self._versions), None) != query.index_version:
-            with self._state_lock:
-                if query.index_version in self._versions:
-                    self._versions.move_to_end(query.index_version)
+        self._touch(query.index_version)
         try:
             return [by_id[pid] for pid in query.passage_ids]
         except KeyError as exc:

@@ -8,7 +8,7 @@ import sys
 
 import typer
 
-from shardqa.errors import ShardQAError, one_line
+from shardqa.errors import ShardQAError, one_line, validator_message
 
 app = typer.Typer(
     name="shardqa",
@@ -106,7 +106,7 @@ def main() -> None:
             typer.echo(exc.ctx.get_help())
             sys.exit(2)
         where = exc.ctx.command_path if exc.ctx is not None else "shardqa"
-        typer.echo(f"error: {one_line(exc.format_message(), 1000)} (see `{where} --help`)", err=True)
+        typer.echo(f"error: {one_line(validator_message(exc.format_message()), 1000)} (see `{where} --help`)", err=True)
         sys.exit(2)
     except ValidationError as exc:
         if exc.title != "Settings":

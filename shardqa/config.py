@@ -179,6 +179,12 @@ class Settings(BaseSettings):
                 raise ValueError(str(exc)) from None
         return value
 
+    @field_validator("doc_stride", mode="before")
+    @classmethod
+    def _empty_stride_is_unset(cls, value):
+        # SHARDQA_DOC_STRIDE= (empty, as a chart's extraEnv can only unset it) is the default.
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("doc_stride")
     @classmethod
     def _stride_fits(cls, value, info):
@@ -225,7 +231,7 @@ class Settings(BaseSettings):
 def settings_error_line(exc: ValidationError, *, env: bool) -> str:
     """One line for rejected settings: each field (as its SHARDQA_* variable
     when the value came from the environment), the value and the problem."""
-    from shardqa.errors import one_line
+    from shardqa.errors import one_line, validator_message
 
     parts = []
     for e in exc.errors():
@@ -236,7 +242,7 @@ def settings_error_line(exc: ValidationError, *, env: bool) -> str:
             from shardqa.redis_url import redact_url
 
             value = redact_url(value)  # a URL's password stays out of logs
-        parts.append(f"{label}={value!r}: {one_line(e.get('msg', 'invalid'), 1000)}")
+        parts.append(f"{label}={value!r}: {one_line(validator_message(e.get('msg', 'invalid')), 1000)}")
     return "invalid setting " + "; ".join(parts)
 
 

@@ -5,9 +5,14 @@ from __future__ import annotations
 
 def one_line(text: object, limit: int = 300) -> str:
     """`text` as one line of at most `limit` characters: a third-party
-    message often spans several, and a CLI error or a log field is one.
-    pydantic's "Value error, " before a validator's own message goes too."""
-    return " ".join(str(text).replace("Value error, ", "").split())[:limit]
+    message often spans several, and a CLI error or a log field is one."""
+    return " ".join(str(text).split())[:limit]
+
+
+def validator_message(text: str) -> str:
+    """A pydantic validation message without the "Value error, " pydantic
+    puts before a validator's own words."""
+    return text.replace("Value error, ", "")
 
 
 #: What walking a JSON file of the wrong shape raises (a string where an

@@ -156,6 +156,8 @@ def test_unknown_paths_and_methods(client):
 def test_an_empty_body_is_named_as_such(client):
     r = client.post("/v1/answer", content=b"", headers={"content-type": "application/json"})
     assert assert_error(r, 422, "validation_error") == 'the request body is empty: send a JSON object, like {"question": "..."}'
+    r = client.post("/v1/answer:batch", content=b"", headers={"content-type": "application/json"})
+    assert assert_error(r, 422, "validation_error").endswith('like {"questions": ["...", "..."]}')
 
 
 def test_health_and_metrics(client):

@@ -199,7 +199,10 @@ def test_an_index_with_another_shard_count_is_not_switched_to(served):
     assert body["index_version"] == serving
     check_answers(store, body, 1)
     # Still ready (it answers), and it says why the newest version is not served.
-    ready = client.get("/readyz")
+    deadline = time.monotonic() + 30
+    while (ready := client.get("/readyz")).json()["not_served"] is None:
+        assert time.monotonic() < deadline, ready.text
+        time.sleep(0.1)
     assert ready.status_code == 200 and ready.json()["index_version"] == serving
     assert ready.json()["not_served"] == (f"index version {refused} is not served: index version {refused} has 3 shards "
                                           "but the service was deployed with 2; redeploy to serve it")

@@ -368,6 +368,18 @@ def test_eval_route_leaves_out_the_questions_the_service_refuses(lexical, index,
     # the padded copy routes as the clean question does: both hit or both miss
     assert all(ev.recall[k] in (0.0, 1.0) for k in (1, 3, 5, 8))
     assert ev.to_json()["refused"] == 2
+    # With the service's checker, its token checks too: a question under the
+    # character limit but over the token limit is left out as well.
+    from shardqa.config import Settings
+    from shardqa.services.questions import QuestionChecker
+    from shardqa.tokenization import TextTokenizer
+
+    qas.append({**first, "id": "many-tokens", "question": "Who " + "x " * 100 + "?"})
+    path.write_text(json.dumps(data), encoding="utf-8")
+    checker = QuestionChecker.for_settings(Settings(_env_file=None), TextTokenizer.from_pretrained(TINY))
+    ev = evaluate_routing(lexical, store, path, baseline=False, checker=checker)
+    assert (ev.questions, ev.refused) == (2, 3)
+    qas.pop()
     only_bad = tmp_path / "bad.json"
     qas[:] = qas[1:3]
     only_bad.write_text(json.dumps(data), encoding="utf-8")
