@@ -158,10 +158,12 @@ class Settings(BaseSettings):
     target_p99_ms: float = Field(50.0, gt=0, allow_inf_nan=False)
     target_cached_p50_ms: float = Field(3.0, gt=0, allow_inf_nan=False)
 
-    @field_validator("cache_url", mode="before")
+    @field_validator("cache_url", "doc_stride", mode="before")
     @classmethod
     def _empty_is_none(cls, value):
-        # SHARDQA_CACHE_URL= (empty) has always meant the in-process cache.
+        # SHARDQA_CACHE_URL= (empty) has always meant the in-process cache;
+        # SHARDQA_DOC_STRIDE= is the default stride (a chart's extraEnv can
+        # empty a variable, not remove it).
         return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("cache_url")
@@ -178,12 +180,6 @@ class Settings(BaseSettings):
             except StoreError as exc:
                 raise ValueError(str(exc)) from None
         return value
-
-    @field_validator("doc_stride", mode="before")
-    @classmethod
-    def _empty_stride_is_unset(cls, value):
-        # SHARDQA_DOC_STRIDE= (empty, as a chart's extraEnv can only unset it) is the default.
-        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("doc_stride")
     @classmethod

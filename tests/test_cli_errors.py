@@ -318,6 +318,13 @@ def test_values_no_command_can_use_are_refused_at_once(args, message, tmp_path):
     assert not (tmp_path / "CURRENT").exists()  # nothing written into the working directory
 
 
+def test_empty_variables_mean_the_defaults():
+    from shardqa.config import Settings
+
+    s = Settings(_env_file=None, cache_url="", doc_stride=" ")
+    assert (s.cache_url, s.doc_stride) == (None, None)
+
+
 def test_a_password_in_a_service_url_is_not_shown():
     line = one_line(shardqa("query", "Who?", "--url", "http://user:s3cret@127.0.0.1:1"))
     assert "s3cret" not in line and "user:***@" in line
@@ -327,6 +334,7 @@ def test_a_password_in_a_service_url_is_not_shown():
     ("SHARDQA_CACHE_URL", "http://x", "not a Redis URL"),
     ("SHARDQA_CACHE_URL", "redis://:s3cret@h:70000", "bad port"),
     ("SHARDQA_MODEL", "", "must name a model folder"),
+    ("SHARDQA_DOC_STRIDE", "384", "SHARDQA_DOC_STRIDE='384': must be smaller than max_seq_len (384)"),
 ])
 def test_settings_that_can_never_work_are_refused_where_settings_are_read(variable, value, message):
     line = one_line(shardqa("config", env={variable: value}))
