@@ -60,8 +60,14 @@ def cli_command() -> str:
         return "shardqa"
     script = Path(sys.argv[0])
     if script.name == "shardqa" and script.is_file():
-        return os.path.relpath(script) if script.is_absolute() else str(script)
-    return f"{os.path.relpath(sys.executable)} -m shardqa.cli"
+        return _shortest(script)
+    return f"{_shortest(Path(sys.executable))} -m shardqa.cli"
+
+
+def _shortest(path: Path) -> str:
+    """`path` relative to here when it lies below here, else absolute."""
+    relative = os.path.relpath(path.absolute())
+    return relative if not relative.startswith("..") else str(path.absolute())
 
 
 def demo_settings(base, store_dir: Path, host: str, port: int):

@@ -346,6 +346,11 @@ def test_the_printed_command_runs_from_where_the_demo_was_started(monkeypatch, t
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", [str(script), "demo"])
     assert cli_command() == os.path.join(".venv", "bin", "shardqa")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # not below here: the absolute path, not ../.venv/...
+    assert cli_command() == str(script)
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["-m"])  # python -m shardqa.cli demo
     assert cli_command().endswith(" -m shardqa.cli")
     monkeypatch.setattr(shutil, "which", lambda name: "/usr/local/bin/shardqa")
