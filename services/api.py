@@ -304,6 +304,9 @@ def create_api(service: QAService, settings: Settings) -> FastAPI:
     # load balancers probe with it. Left out of the OpenAPI document.
     for path, endpoint in (("/v1/index", index), ("/healthz", healthz), ("/readyz", readyz), ("/metrics", prometheus_metrics)):
         app.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False)
+    for route in app.routes:  # the Swagger UI page, as /openapi.json already is
+        if getattr(route, "path", None) == "/docs" and "GET" in getattr(route, "methods", ()):
+            route.methods.add("HEAD")
 
     app.add_middleware(RequestGate, max_body_bytes=settings.max_body_bytes)
     return app

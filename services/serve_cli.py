@@ -37,10 +37,10 @@ def wait_for_interrupt() -> None:
 def register(app: typer.Typer) -> None:
     @app.command()
     def serve(
-        store: Optional[str] = typer.Option(None, "--store", "-s", help="index store: a directory or a redis:// URL [default: settings.store]"),
+        store: Optional[str] = typer.Option(None, "--store", "-s", help="index directory or Redis URL (redis://, rediss://, redis+cluster://) [default: SHARDQA_STORE]"),
         ray_address: Optional[str] = typer.Option(None, "--ray-address", help="existing Ray cluster (else RAY_ADDRESS, else an embedded Ray)"),
-        host: Optional[str] = typer.Option(None, "--host", help="HTTP bind address [default: settings.host]"),
-        port: Optional[int] = typer.Option(None, "--port", "-p", min=1, max=65535, help="HTTP port [default: settings.port]"),
+        host: Optional[str] = typer.Option(None, "--host", help="HTTP bind address [default: SHARDQA_HOST]"),
+        port: Optional[int] = typer.Option(None, "--port", "-p", min=1, max=65535, help="HTTP port [default: SHARDQA_PORT]"),
         shards_config: Optional[Path] = typer.Option(None, "--shards-config", help="JSON/YAML file: replicas and resources per shard"),
         model: Optional[str] = typer.Option(None, "--model", "-m", help="QA model directory"),
         backend: Optional[Backend] = typer.Option(None, "--backend", "-b", help="torch, onnx or onnx-int8"),
@@ -97,8 +97,8 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def demo(
-        port: Optional[int] = typer.Option(None, "--port", "-p", min=1, max=65535, help="HTTP port [default: settings.port]"),
-        host: Optional[str] = typer.Option(None, "--host", help="HTTP bind address [default: settings.host]"),
+        port: Optional[int] = typer.Option(None, "--port", "-p", min=1, max=65535, help="HTTP port [default: SHARDQA_PORT]"),
+        host: Optional[str] = typer.Option(None, "--host", help="HTTP bind address [default: SHARDQA_HOST]"),
         model: Optional[str] = typer.Option(None, "--model", "-m", help="QA model directory [default: the shipped model]"),
         backend: Optional[Backend] = typer.Option(None, "--backend", "-b", help="torch, onnx or onnx-int8"),
         shards: int = typer.Option(4, "--shards", min=1, help="shards to split the sample corpus into"),

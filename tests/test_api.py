@@ -476,6 +476,12 @@ def test_head_is_answered_like_get_without_a_body(client, path):
     assert "head" not in client.get("/openapi.json").json()["paths"][path]
 
 
+@pytest.mark.parametrize("path", ["/docs", "/openapi.json"])
+def test_head_on_the_api_documents(client, path):
+    get, head = client.get(path), client.head(path)
+    assert get.status_code == head.status_code == 200 and head.content == b""
+
+
 def test_a_failed_shard_read_cancels_the_other_shards_reads():
     import asyncio
 
