@@ -303,7 +303,9 @@ async def wait_ready(client, base_url: str, timeout_s: float, alive=None) -> Non
                 last = f"{path} -> {type(exc).__name__}"
                 break
         if time.monotonic() > deadline:
-            raise BenchError(f"service at {base_url} not ready after {timeout_s:.0f} s ({last})")
+            hint = (" — nothing listens there: is `shardqa serve` (or `shardqa demo`) running? "
+                    "(--ready-timeout sets the wait)") if last.endswith("ConnectError") else ""
+            raise BenchError(f"service at {base_url} not ready after {timeout_s:.0f} s ({last}){hint}")
         await asyncio.sleep(0.5)
 
 
