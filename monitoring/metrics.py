@@ -142,9 +142,16 @@ INDEX_INFO = MetricSpec(
     ("index_version", "model", "shards"),
 )  # fmt: skip
 
+INDEX_NOT_SERVED = MetricSpec(
+    "shardqa_index_not_served", "gauge",
+    "1 while the store's current index version is not the one served (refused: another shard count or tokenizer; "
+    "or its router fails to load), else 0",
+)  # fmt: skip
+
 SPECS: tuple[MetricSpec, ...] = (
     REQUESTS, REQUEST_DURATION, STAGE_DURATION, SHARD_INFERENCE_DURATION, SHARD_BATCH_SIZE, SHARD_QUESTIONS,
     CACHE_REQUESTS, SHARDS_TOUCHED, SHARD_CALLS, SHARD_INFLIGHT, ERRORS, ROUTE_SCORE, ROUTES, READ_ROUNDS, INDEX_INFO,
+    INDEX_NOT_SERVED,
 )  # fmt: skip
 
 
@@ -425,6 +432,10 @@ def set_index_info(version: str, model: str, shards: int) -> None:
     ray_metrics = _ray_metrics()
     if ray_metrics is not None:
         ray_metrics.set_index_info(labels)
+
+
+def set_index_not_served(not_served: bool) -> None:
+    _record(INDEX_NOT_SERVED, 1.0 if not_served else 0.0)
 
 
 def metrics_response() -> tuple[bytes, str]:

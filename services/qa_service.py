@@ -190,6 +190,8 @@ class QAService:
                 last_problem = problem
             else:
                 last_problem = ""
+            if self.view is not None:
+                metrics.set_index_not_served(self.not_served() is not None)
             self._first_attempt.set()
             await asyncio.sleep(self.settings.index_refresh_s)
 
@@ -444,13 +446,18 @@ class QAService:
             return Readiness(False, self.view_problem or "no index loaded", None, shard_states)
         # Ready (the version served still answers), but an operator who just
         # published a version the service will not switch to must see why.
-        newer = next((p for p in (self._refused, self._failed)
-                      if p is not None and p[0] == self._latest and p[0] != view.version), None)
-        not_served = f"index version {newer[0]} is not served: {newer[-1]}" if newer is not None else None
+        not_served = self.not_served()
         missing = [s["shard"] for s in shard_states if not s["ready"]]
         if missing:
             return Readiness(False, f"shard(s) {missing} not ready", view.version, shard_states, not_served)
         return Readiness(True, "ok", view.version, shard_states, not_served)
+
+    def not_served(self) -> str | None:
+        """Why the store's current version is not the one served, or None."""
+        view = self.view
+        newer = next((p for p in (self._refused, self._failed)
+                      if p is not None and p[0] == self._latest and (view is None or p[0] != view.version)), None)
+        return f"index version {newer[0]} is not served: {newer[-1]}" if newer is not None else None
 
     def index_info(self) -> dict:
         view = self.current_view()

@@ -69,6 +69,7 @@ def test_every_required_alert_exists_and_is_unit_tested():
         "ShardQAErrorRatioHigh",
         "ShardQADeploymentWithoutHealthyReplicas",
         "ShardQANotServing",
+        "ShardQAIndexNotServed",
         "ShardQACacheUnavailable",
     } <= alerts
     tested = {

@@ -206,6 +206,8 @@ def test_an_index_with_another_shard_count_is_not_switched_to(served):
     assert ready.status_code == 200 and ready.json()["index_version"] == serving
     assert ready.json()["not_served"] == (f"index version {refused} is not served: index version {refused} has 3 shards "
                                           "but the service was deployed with 2; redeploy to serve it")
+    # And a metric for the alert (ShardQAIndexNotServed) says the same.
+    assert "shardqa_index_not_served 1.0" in client.get("/metrics").text
     # The passages counted are the served version's, not the refused one's.
     per_shard = store.manifest(serving).passages_per_shard
     assert [s["passages"] for s in ready.json()["shards"]] == list(per_shard)
@@ -216,6 +218,10 @@ def test_an_index_with_another_shard_count_is_not_switched_to(served):
         assert time.monotonic() < deadline
         time.sleep(0.1)
     assert client.get("/readyz").json()["not_served"] is None
+    deadline = time.monotonic() + 30
+    while "shardqa_index_not_served 0.0" not in client.get("/metrics").text:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
 
 
 def test_a_replica_that_joins_under_traffic_answers_its_first_request(tmp_path):
