@@ -53,6 +53,7 @@ class Recorder:
 
         self.metrics = metrics
         metrics.set_index_info("v-test", "tiny", 2)
+        metrics.set_index_not_served(False)
 
     async def __call__(self, request):
         import asyncio
