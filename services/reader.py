@@ -48,6 +48,12 @@ class ReadRequest:
     question: TokenizedText
     passages: Sequence[Passage]
     top_k: int = 1
+    #: Which ``top_k`` candidates to keep: the reference pipeline's, by
+    #: ``score`` (a probability within one window), or by ``logit`` (the
+    #: span's margin over its window's null position), which the ingress
+    #: ranks answers from several passages by. The two agree within one
+    #: window; over a passage cut into several, only the logit compares.
+    rank_by: str = "score"
 
 
 def passage_from_text(tokenizer: TextTokenizer, text: str, passage_id: str = "context", doc_id: str = "", shard: int = -1, doc_start: int = 0) -> Passage:
@@ -191,8 +197,13 @@ class Reader:
             cands = per_request[r]
             if self.handle_impossible_answer:
                 cands.append({"score": null_scores[r], "start": 0, "end": 0, "text": "", "passage": None, "logit": 0.0})
+            if req.rank_by == "logit":
+                # The reference pads a short window's list with spans of
+                # probability 0 and no text; their margin of about 0 would
+                # outrank every real span with a negative one.
+                cands = [c for c in cands if c["passage"] is None or (c["score"] > 0 and c["text"].strip())]
             # Stable sort: ties keep window order, as the reference does.
-            cands = sorted(cands, key=lambda c: c["score"], reverse=True)[: req.top_k]
+            cands = sorted(cands, key=lambda c: c[req.rank_by], reverse=True)[: req.top_k]
             results.append([self._to_answer(c) for c in cands])
         return results
 

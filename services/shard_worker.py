@@ -177,7 +177,8 @@ class ShardWorker:
         requests, owners = [], []
         for i, (q, passages) in enumerate(work):
             for p in passages:
-                requests.append(ReadRequest(q.question, [p], q.top_k))
+                # By logit: the ingress merges passages on it (qa_service.merge_answers).
+                requests.append(ReadRequest(q.question, [p], q.top_k, rank_by="logit"))
                 owners.append(i)
         out: list[list[Answer]] = [[] for _ in work]
         for i, answers in zip(owners, self.reader.answer_batch(requests)):

@@ -274,3 +274,20 @@ def test_a_stride_is_refused_when_it_leaves_no_room_for_a_question():
         Reader.load(FIXTURE, backend="torch", max_seq_len=64, doc_stride=60, threads=1)
     with pytest.raises(ValueError, match="must be smaller than max_seq_len"):
         Settings(_env_file=None, max_seq_len=64, doc_stride=64)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if len(c["features"]) >= 3][:6], ids=lambda c: c["name"])
+def test_ranking_by_logit_keeps_the_best_margins_over_every_window(case):
+    """What a shard keeps of a passage cut into several windows: the top_k
+    candidates by logit margin over all its windows (what the ingress merges
+    on), not by the per-window probability the reference ranks by."""
+    from shardqa.services.reader import ReadRequest
+
+    r = reader("torch", *config_of(case))
+    passage = passage_from_text(r.tokenizer, case["context"], passage_id="p")
+    question = r.check_question(case["question"])
+    everything = r.answer_batch([ReadRequest(question, [passage], 500)])[0]
+    real = [a for a in everything if a.score > 0 and a.text.strip()]
+    best = sorted(real, key=lambda a: a.logit, reverse=True)[:3]
+    got = r.answer_batch([ReadRequest(question, [passage], 3, rank_by="logit")])[0]
+    assert [(a.text, a.start, a.logit) for a in got] == [(a.text, a.start, a.logit) for a in best]
