@@ -333,7 +333,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("bench-reader")
     def bench_reader(
-        model: Optional[str] = typer.Option(None, "--model", help="QA model directory [default: the shipped model]"),
+        model: Optional[str] = typer.Option(None, "--model", help="QA model directory [default: SHARDQA_MODEL, the shipped model unless set]"),
         backends: str = typer.Option("torch,onnx,onnx-int8", "--backends", help="backends, comma-separated"),
         lengths: str = typer.Option("32,64,128,256,384", "--lengths", help="passage lengths in tokens, comma-separated"),
         runs: int = typer.Option(200, "--runs", min=1, help="timed calls per backend and length"),
@@ -379,7 +379,7 @@ def register(app: typer.Typer) -> None:
         rates: str = typer.Option("20,40,60", "--rates", help="open-loop request rates per second"),
         seed: int = typer.Option(0, "--seed", help="question shuffle seed"),
         baseline_limit: Optional[int] = typer.Option(None, "--baseline-limit", min=1, help="questions for the naive baseline [default: --limit]"),
-        model: Optional[str] = typer.Option(None, "--model", help="the service's model directory [default: as the service reports / settings.model]"),
+        model: Optional[str] = typer.Option(None, "--model", help="the service's model directory [default: as the service reports, else SHARDQA_MODEL]"),
         backend: Optional[str] = typer.Option(None, "--backend", help="the service's backend, for the gold-paragraph F1 [default: SHARDQA_BACKEND]"),
         reader_runs: int = typer.Option(200, "--reader-runs", min=1, help="timed reader calls per backend and length"),
         reader_lengths: str = typer.Option("32,64,128,256,384", "--reader-lengths", help="passage lengths for the reader benchmark"),

@@ -99,7 +99,7 @@ def register(app: typer.Typer) -> None:
     def demo(
         port: Optional[int] = typer.Option(None, "--port", "-p", min=1, max=65535, help="HTTP port [default: SHARDQA_PORT]"),
         host: Optional[str] = typer.Option(None, "--host", help="HTTP bind address [default: SHARDQA_HOST]"),
-        model: Optional[str] = typer.Option(None, "--model", "-m", help="QA model directory [default: the shipped model]"),
+        model: Optional[str] = typer.Option(None, "--model", "-m", help="QA model directory [default: SHARDQA_MODEL, the shipped model unless set]"),
         backend: Optional[Backend] = typer.Option(None, "--backend", "-b", help="torch, onnx or onnx-int8"),
         shards: int = typer.Option(4, "--shards", min=1, help="shards to split the sample corpus into"),
         workdir: Optional[Path] = typer.Option(None, "--workdir", help="where the demo index lives [default: <cache_dir>/demo]"),
@@ -125,7 +125,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def query(
         question: str = typer.Argument(..., help="the question"),
-        url: Optional[str] = typer.Option(None, "--url", "-u", help="service base URL [default: http://<settings.host>:<settings.port>]"),
+        url: Optional[str] = typer.Option(None, "--url", "-u", help="service base URL [default: http://SHARDQA_HOST:SHARDQA_PORT]"),
         top_k: int = typer.Option(1, "--top-k", "-k", min=1, help="answers to return"),
         as_json: bool = typer.Option(False, "--json", help="print the service's JSON response"),
         timeout: float = typer.Option(30.0, "--timeout", help="seconds to wait for the answer"),

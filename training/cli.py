@@ -50,7 +50,7 @@ def register(app: typer.Typer) -> None:
     @app.command("eval-reader")
     def eval_reader(
         squad_json: Path = typer.Argument(..., help="a SQuAD v1.1-format JSON file (e.g. dev-v1.1.json)"),
-        model: Optional[str] = typer.Option(None, "--model", "-m", help="QA model directory [default: the shipped model]"),
+        model: Optional[str] = typer.Option(None, "--model", "-m", help="QA model directory [default: SHARDQA_MODEL, the shipped model unless set]"),
         backend: Optional[Backend] = typer.Option(None, "--backend", "-b", help="torch, onnx or onnx-int8 [default: SHARDQA_BACKEND]"),
         limit: Optional[int] = typer.Option(None, "--limit", min=1, help="first N questions only"),
         batch_size: int = typer.Option(16, "--batch-size", min=1, help="questions per forward pass"),
