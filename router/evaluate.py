@@ -98,9 +98,11 @@ def service_questions(questions, max_chars: int | None, checker=None):
     kept = []
     for q in questions:
         try:
-            text = checker.check_text(q.question) if checker is not None else check_question_text(q.question, max_chars)
             if checker is not None:
+                text = checker.check_text(q.question)
                 checker.tokenize(text)
+            else:
+                text = check_question_text(q.question, max_chars)
             kept.append(replace(q, question=text))
         except ShardQAError:
             pass

@@ -244,8 +244,8 @@ class AnswerCache:
         self.peer_wait_s = peer_wait_s
         self.retry_after_s = retry_after_s
         self._down_until = 0.0
-        self._inflight: dict[str, asyncio.Future[tuple[bytes, bool]]] = {}
-        self._started: dict[asyncio.Future, float] = {}  # when each in-flight computation began
+        #: key -> (the computation, when it began)
+        self._inflight: dict[str, tuple[asyncio.Future[tuple[bytes, bool]], float]] = {}
 
     @classmethod
     def from_url(cls, url: str | None, ttl_s: int, timeout_s: float, peer_wait_s: float = 30.0) -> "AnswerCache":
@@ -305,14 +305,12 @@ class AnswerCache:
 
     async def compute_once(self, key: str, compute: Callable[[], Awaitable[bytes]],
                            deadline: float | None = None) -> CacheResult:
-        task = self._inflight.get(key)
-        joined = task is not None
-        if task is None:
+        joined = key in self._inflight
+        if not joined:
             task = asyncio.ensure_future(self._fill(key, compute, deadline))
-            self._inflight[key] = task
-            self._started[task] = time.monotonic()
+            self._inflight[key] = (task, time.monotonic())
             task.add_done_callback(functools.partial(self._finished, key))
-        started = self._started.get(task, time.monotonic())
+        task, started = self._inflight[key]
         # Shielded: a caller cancelled (its client hung up) stops waiting,
         # while the computation goes on for the other callers and the cache.
         try:
@@ -329,9 +327,8 @@ class AnswerCache:
         return CacheResult(value, shared=joined or not computed)
 
     def _finished(self, key: str, task: asyncio.Future) -> None:
-        if self._inflight.get(key) is task:
+        if self._inflight.get(key, (None,))[0] is task:
             del self._inflight[key]
-        self._started.pop(task, None)
         if not task.cancelled():
             # Retrieved here, so a failure whose callers all went away is
             # not logged as "exception was never retrieved".

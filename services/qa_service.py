@@ -201,7 +201,6 @@ class QAService:
             version = await asyncio.to_thread(self.store.current_version)
             self._latest = version
             if self.view is not None and self.view.version == version:
-                self._refused = self._failed = None  # the store went back to the version served
                 return False
             if self._refused is not None and self._refused[0] == version:
                 raise ServiceUnavailable(self._refused[1])
@@ -226,8 +225,6 @@ class QAService:
             self._pending = view
             switched = await self._switch(version, view)
             self._pending = None
-            if switched:
-                self._refused = None
             return switched
 
     async def _switch(self, version: str, view: IndexView) -> bool:
@@ -310,62 +307,68 @@ class QAService:
                 raise _at_position(exc, i) from None
         self._check_top_k(top_k)
 
-        def check_tokens() -> None:
+        def tokenize_all() -> list:
+            tokens = []
             for i, text in enumerate(texts):
                 try:
-                    self.checker.tokenize(text)
+                    tokens.append(self.checker.tokenize(text))
                 except ShardQAError as exc:
                     raise _at_position(exc, i) from None
+            return tokens
 
         # Tokens too, before any question starts: one refused later would
         # fail the call after the others had begun their inference. Off the
-        # event loop, as routing is (64 questions take milliseconds).
-        await asyncio.get_running_loop().run_in_executor(self._route_pool, check_tokens)
+        # event loop, as routing is (64 questions take milliseconds); an
+        # uncached question then routes with these tokens, not new ones.
+        tokens = await asyncio.get_running_loop().run_in_executor(self._route_pool, tokenize_all)
         view = self.current_view()
         metrics.record_stage("validate", time.perf_counter() - t0)
         # Each question takes the single-question path; the shards' dynamic
         # batching turns the concurrent calls into batched forward passes.
-        return list(await asyncio.gather(*(self._answer_checked(view, q, top_k, i) for i, q in enumerate(texts))))
+        return list(await asyncio.gather(*(self._answer_checked(view, q, top_k, i, tokens[i]) for i, q in enumerate(texts))))
 
-    async def _answer_checked(self, view: IndexView, text: str, top_k: int, position: int | None = None) -> Outcome:
-        """`text` is canonical: the key is made from exactly what the stages read."""
+    async def _answer_checked(self, view: IndexView, text: str, top_k: int, position: int | None = None,
+                              tokens=None) -> Outcome:
+        """`text` is canonical: the key is made from exactly what the stages
+        read; ``tokens``: its tokens, when the caller has them already."""
         key = cache_key(view.version, normalise_question(text, view.folds_case), top_k, view.scope)
         # One deadline for the whole request: a wait for a peer replica's
         # computation and a computation of its own after that peer failed
         # together take no longer than answer_timeout_s.
         deadline = time.monotonic() + self.settings.answer_timeout_s
         try:
-            result = await self.cache.get_or_compute(key, lambda: self._infer_in_time(view, text, top_k, deadline), deadline)
+            result = await self.cache.get_or_compute(key, lambda: self._infer_in_time(view, text, top_k, deadline, tokens), deadline)
         except ShardQAError as exc:
             if position is None:
                 raise
             raise _at_position(exc, position) from None
         return Outcome(result.value, result.shared, view.version, result.hit)
 
-    async def _infer_in_time(self, view: IndexView, question: str, top_k: int, deadline: float) -> bytes:
+    async def _infer_in_time(self, view: IndexView, question: str, top_k: int, deadline: float, tokens=None) -> bytes:
         limit = self.settings.answer_timeout_s
         try:
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())) as timer:
-                return await self._infer(view, question, top_k)
+                return await self._infer(view, question, top_k, tokens)
         except TimeoutError:
             if not timer.expired():
                 raise  # a timeout of something inside, not the answer's deadline
             raise AnswerTimedOut(f"no answer within {limit:g} s: the shards are overloaded or stuck") from None
 
-    def _tokenize_and_route(self, view: IndexView, question: str):
+    def _tokenize_and_route(self, view: IndexView, question: str, tokens=None):
         t0 = time.perf_counter()
-        tokens = self.checker.tokenize(question)
+        if tokens is None:
+            tokens = self.checker.tokenize(question)
+            metrics.record_stage("tokenize", time.perf_counter() - t0)
         t1 = time.perf_counter()
-        metrics.record_stage("tokenize", t1 - t0)
         route = view.router.route(question, self.settings.route_k)
         metrics.record_stage("route", time.perf_counter() - t1)
         return tokens, route
 
-    async def _infer(self, view: IndexView, question: str, top_k: int) -> bytes:
+    async def _infer(self, view: IndexView, question: str, top_k: int, tokens=None) -> bytes:
         loop = asyncio.get_running_loop()
         # In the request's context, as on the loop: Serve's metrics read the
         # request's route from it.
-        work = partial(contextvars.copy_context().run, self._tokenize_and_route, view, question)
+        work = partial(contextvars.copy_context().run, self._tokenize_and_route, view, question, tokens)
         tokens, route = await loop.run_in_executor(self._route_pool, work)
         t2 = time.perf_counter()
         metrics.record_route(route.dense)
