@@ -130,6 +130,14 @@ class RequestGate:
                 body = await self._read_body(scope, receive, send_recording)
                 if body is None:
                     return
+                if path in JSON_BODIES and (name := duplicate_key(body)) is not None:
+                    # json.loads keeps the last of two equal keys: the
+                    # answer would silently be to a question the client may
+                    # not have meant.
+                    await error_response(
+                        422, "validation_error", f"the request body names {name} more than once; send each field once",
+                    )(scope, receive, send_recording)
+                    return
                 replayed = False
 
                 async def replay():
@@ -187,6 +195,30 @@ class RequestGate:
 
     async def _too_large(self, scope, receive, send) -> None:
         await error_response(413, "request_too_large", f"the request body is larger than {self.max_body_bytes} bytes")(scope, receive, send)
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _refuse_duplicates(pairs):
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen.add(key)
+
+
+def duplicate_key(body: bytes) -> str | None:
+    """The first key that some object of the JSON `body` names twice, if any."""
+    try:
+        json.loads(body, object_pairs_hook=_refuse_duplicates)
+    except _DuplicateKey as exc:
+        name = exc.args[0]
+        return json.dumps(name if len(name) <= 60 else name[:57] + "...", ensure_ascii=False)
+    except (ValueError, RecursionError):
+        pass  # not JSON: FastAPI's parse says so, in its own words
+    return None
 
 
 def _endpoint_label(path: str) -> str:

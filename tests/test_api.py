@@ -462,6 +462,23 @@ def test_unknown_fields_are_named_even_when_empty_or_huge(client):
     assert message.startswith("k" * 57 + "...: unknown field") and len(message) < 200
 
 
+@pytest.mark.parametrize("path, body, key", [
+    ("/v1/answer", '{"question": "Who lost?", "question": "Who won?"}', '"question"'),
+    ("/v1/answer", '{"question": "Who?", "top_k": 1, "top_k": 5}', '"top_k"'),
+    ("/v1/answer:batch", '{"questions": ["Who?"], "top_k": 1, "top_k": 2}', '"top_k"'),
+    ("/v1/answer", '{"question": "Who?", "x": {"a": 1, "a": 2}}', '"a"'),
+])
+def test_a_key_sent_twice_is_refused_not_silently_overwritten(client, path, body, key):
+    message = assert_error(client.post(path, content=body, headers={"content-type": "application/json"}), 422, "validation_error")
+    assert message == f"the request body names {key} more than once; send each field once"
+
+
+def test_the_same_key_in_different_objects_is_not_a_duplicate(client):
+    body = '{"question": "Who?", "x": {"question": 1}}'
+    message = assert_error(client.post("/v1/answer", content=body, headers={"content-type": "application/json"}), 422, "validation_error")
+    assert message == "x: unknown field"
+
+
 def test_json_nested_too_deep_is_named_as_such(client):
     body = "[" * 2000 + "]" * 2000  # valid JSON, deeper than the parser's recursion limit
     message = assert_error(client.post("/v1/answer", content=body, headers={"content-type": "application/json"}), 400, "invalid_json")
