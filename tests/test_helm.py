@@ -294,7 +294,7 @@ def test_worker_pods_hold_every_serve_replica(case):
             "one shard replica needs 3 CPUs (serve.numCpusPerReplica) but the largest worker pod that can hold it gives Ray 2",
         ),
         (
-            {"gpuWorkers.enabled": True, "serve.numGpusPerReplica": 2, "gpuWorkers.replicas": 8},
+            {"gpuWorkers.enabled": True, "serve.numGpusPerReplica": 2, "gpuWorkers.replicas": 8, "gpuWorkers.maxReplicas": 8},
             "one shard replica needs 2 GPUs (serve.numGpusPerReplica) but a GPU worker pod has 1",
         ),
         # A GPU replica fits only on GPU pods, however big the CPU pods are.
@@ -306,12 +306,32 @@ def test_worker_pods_hold_every_serve_replica(case):
         ),
         # A group with no pods holds nothing.
         (
-            {"gpuWorkers.enabled": True, "gpuWorkers.replicas": 8, "cpuWorkers.replicas": 0, "cpuWorkers.minReplicas": 0,
+            {"gpuWorkers.enabled": True, "gpuWorkers.replicas": 8, "gpuWorkers.maxReplicas": 8, "cpuWorkers.replicas": 0, "cpuWorkers.minReplicas": 0,
              "serve.numCpusPerReplica": 3,
              "cpuWorkers.resources": {"requests": {"cpu": "8", "memory": "8Gi"}, "limits": {"cpu": "8", "memory": "8Gi"}},
              "gpuWorkers.resources": {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"cpu": "2", "memory": "8Gi"}}},
             "the largest worker pod that can hold it gives Ray 2",
         ),
+        # Enough CPUs in total (6 for 5.8), but a 2-CPU pod holds one replica of 1.2.
+        (
+            {"serve.numCpusPerReplica": 1.2},
+            "serve runs 4 shard replicas (4 shards x 1 replicasPerShard) but the worker pods hold only 3 of them"
+            " (a replica of 1.2 CPUs never spans pods; cpuWorkers: 3 pods x 1 each); raise cpuWorkers.replicas",
+        ),
+        # GPU replicas count only the GPU pods' CPUs.
+        (
+            {"gpuWorkers.enabled": True, "serve.numGpusPerReplica": 0.25, "gpuWorkers.gpusPerPod": 4,
+             "gpuWorkers.resources": {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"cpu": "2", "memory": "8Gi"}}},
+            "but the worker pods hold only 2 of them (a replica of 1 CPUs and 0.25 GPUs never spans pods; gpuWorkers: 1 pods x 2 each);"
+            " raise gpuWorkers.replicas",
+        ),
+        # KubeRay clamps replicas into [minReplicas, maxReplicas], autoscaler or not.
+        (
+            {"serve.shards": 16, "serve.replicasPerShard": 2, "cpuWorkers.replicas": 17},
+            "cpuWorkers.replicas (17) is outside cpuWorkers.minReplicas..maxReplicas (1..8), and KubeRay would run 8 pods",
+        ),
+        ({"cpuWorkers.minReplicas": 5, "cpuWorkers.maxReplicas": 3}, "cpuWorkers.minReplicas (5) is above cpuWorkers.maxReplicas (3)"),
+        ({"cpuWorkers.minReplicas": 5, "cpuWorkers.maxReplicas": 3, "autoscaling": True}, "cpuWorkers.minReplicas (5) is above"),
     ],
 )
 def test_under_provisioned_workers_fail_with_what_to_raise(values, message):
