@@ -72,7 +72,7 @@ def status(
             typer.echo(f"{'-':>5}  {d.name:<12} {d.status:<10} {_count(d.ready_replicas)}/{_count(d.target_replicas)}")
         for problem in st.problems:
             typer.echo(f"warning: {problem}", err=True)
-    if not st.ready or any(d.ready_replicas == 0 for d in st.shards):
+    if not st.healthy:
         raise typer.Exit(1)
 
 

@@ -37,6 +37,13 @@ REINDEX_JOB_TTL_S = 86400
 SHARD_PREFIX = "shard-"
 DASHBOARD_PORT = 8265
 SERVE_PORT = 8000
+#: How long one read through the API server's service proxy may take: a
+#: NetworkPolicy that drops the proxy's connection would otherwise hold each
+#: read for the API server's own dial timeout.
+PROXY_TIMEOUT_S = 10.0
+#: Deployment and application states (Serve's, as KubeRay copies them) that
+#: mean it cannot serve.
+FAILED_STATES = frozenset({"UNHEALTHY", "DEPLOY_FAILED"})
 INDEX_VERSION_ANNOTATION = "shardqa.example/index-version"
 REINDEX_LABEL = "shardqa.example/reindex"
 TERMINATION_LOG = "/dev/termination-log"
@@ -69,9 +76,17 @@ class ClusterStatus:
     index_ready: bool | None = None
     index_reason: str | None = None
     problems: list[str] = field(default_factory=list)
+    #: Shards that cannot answer: no ready replica, or (replica counts
+    #: unknown) a failed state in KubeRay's view.
+    failing_shards: list[int] = field(default_factory=list)
+
+    @property
+    def healthy(self) -> bool:
+        """What `shardqa cluster status` exits 0 on."""
+        return self.ready and not self.failing_shards and self.application_status not in FAILED_STATES
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "healthy": self.healthy}
 
 
 @dataclass
@@ -167,17 +182,26 @@ class ShardQACluster:
                 ) from None
             raise ClusterError(f"reading RayService {self.namespace}/{self.name}: {exc.status} {exc.reason}") from None
 
-    def _proxy_json(self, service: str, port: int, path: str) -> tuple[int, Any]:
-        """GET through the API server's service proxy: (HTTP status, parsed JSON or None)."""
+    def _proxy_json(self, service: str, port: int, path: str) -> tuple[int | None, Any]:
+        """GET through the API server's service proxy: (HTTP status, parsed
+        JSON or None); status None when no answer came in PROXY_TIMEOUT_S."""
+        import urllib3
         from kubernetes.client.exceptions import ApiException
 
         try:
             body = self.core.connect_get_namespaced_service_proxy_with_path(
-                f"{service}:{port}", self.namespace, path.lstrip("/"), _preload_content=False
+                f"{service}:{port}", self.namespace, path.lstrip("/"), _preload_content=False,
+                _request_timeout=PROXY_TIMEOUT_S,
             )
             return body.status, _json_or_none(body.data)
         except ApiException as exc:
             return exc.status, _json_or_none(exc.body)
+        except urllib3.exceptions.TimeoutError:
+            return None, None
+        except urllib3.exceptions.MaxRetryError as exc:
+            if isinstance(exc.reason, urllib3.exceptions.TimeoutError):
+                return None, None
+            raise
 
     def serve_details(self) -> dict[str, Any] | None:
         """Ray Serve's own view (ServeInstanceDetails), or None when unreachable."""
@@ -240,6 +264,12 @@ class ShardQACluster:
         for shard in result.shards:
             if shard.ready_replicas == 0:
                 result.problems.append(f"shard {shard.shard} has no ready replica")
+                result.failing_shards.append(shard.shard)
+            elif shard.ready_replicas is None and shard.status in FAILED_STATES:
+                result.problems.append(f"shard {shard.shard} is {shard.status} (KubeRay's view; replica counts unknown)")
+                result.failing_shards.append(shard.shard)
+        if result.application_status in FAILED_STATES:
+            result.problems.append(f"the Serve application is {result.application_status}")
 
         code, body = self.readiness(rs)
         if body is not None:
@@ -254,7 +284,8 @@ class ShardQACluster:
                 # shard count needs a redeploy): it keeps serving the old one.
                 result.problems.append(str(body["not_served"]))
         else:
-            result.problems.append(f"the service's /readyz is unreachable (HTTP {code})")
+            result.problems.append("the service's /readyz is unreachable ("
+                                   + (f"HTTP {code})" if code is not None else f"no answer within {PROXY_TIMEOUT_S:g} s)"))
         return result
 
     # --- reindexing -------------------------------------------------------------------

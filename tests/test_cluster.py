@@ -193,6 +193,56 @@ async def test_status_without_serve_api_still_reports_kuberay_view(k8s):
 
 
 @pytest.mark.asyncio
+async def test_a_failed_shard_counts_even_when_replica_counts_are_unknown(k8s):
+    """With the Serve API unreachable (the chart's NetworkPolicy by default),
+    KubeRay's own view of a shard still decides the exit code."""
+    k8s.objects[RAYSERVICE, NS, NAME] = rayservice({"shard-0": "HEALTHY", "shard-1": "UNHEALTHY"})
+    k8s[SERVE_API] << 503 << {"message": "unreachable"}
+    k8s[READYZ] << readyz("v1", 2)
+
+    st = await asyncio.to_thread(cluster(k8s).status)
+    assert st.ready and not st.healthy
+    assert st.failing_shards == [1]
+    assert "shard 1 is UNHEALTHY (KubeRay's view; replica counts unknown)" in st.problems
+    assert st.to_dict()["healthy"] is False
+
+
+@pytest.mark.asyncio
+async def test_a_failed_application_is_not_healthy(k8s):
+    rs = rayservice({"shard-0": "HEALTHY"})
+    rs["status"]["activeServiceStatus"]["applicationStatuses"]["shardqa"]["status"] = "DEPLOY_FAILED"
+    k8s.objects[RAYSERVICE, NS, NAME] = rs
+    k8s[SERVE_API] << serve_details({"shard-0": (1, 1)})
+    k8s[READYZ] << readyz("v1", 1)
+
+    st = await asyncio.to_thread(cluster(k8s).status)
+    assert not st.healthy and "the Serve application is DEPLOY_FAILED" in st.problems
+
+
+@pytest.mark.asyncio
+async def test_a_proxy_read_that_never_answers_times_out(k8s, monkeypatch):
+    """A NetworkPolicy that drops the API server's proxied connection must
+    not hold the command for the API server's own dial timeout."""
+    import time
+
+    from shardqa.monitoring import cluster as cluster_module
+
+    monkeypatch.setattr(cluster_module, "PROXY_TIMEOUT_S", 0.2)
+
+    async def never():
+        await asyncio.sleep(30)
+
+    k8s.objects[RAYSERVICE, NS, NAME] = rayservice({"shard-0": "HEALTHY"})
+    k8s[SERVE_API] << never
+    k8s[READYZ] << never
+    t0 = time.monotonic()
+    st = await asyncio.to_thread(cluster(k8s).status)
+    assert time.monotonic() - t0 < 10
+    assert any("replica counts unknown" in p for p in st.problems)
+    assert "the service's /readyz is unreachable (no answer within 0.2 s)" in st.problems
+
+
+@pytest.mark.asyncio
 async def test_missing_rayservice_is_a_user_error(k8s):
     with pytest.raises(ClusterError, match="no RayService 'rel-shardqa' in namespace 'qa'"):
         await asyncio.to_thread(cluster(k8s).status)
