@@ -702,12 +702,31 @@ def test_value_defaults_match_settings():
         ({"redis.mode": "cluster", "redis.cluster.nodes": 4}, "at least 3 x (1 + replicasPerMaster)"),
         ({"redis.maxmemory": "lots"}, "/redis/maxmemory"),
         ({"ingress.enabled": True, "ingress.hosts": []}, "needs at least one host in ingress.hosts"),
+        ({"monitoring.podMonitor.interval": "5x"}, "/monitoring/podMonitor/interval"),
+        ({"monitoring.podMonitor.interval": ""}, "/monitoring/podMonitor/interval"),
+        ({"redis.persistence.size": "8GB"}, "/redis/persistence/size"),
     ],
 )
 def test_bad_values_fail_at_install_time(values, message):
     result = run_helm("template", "rel", str(CHART), *set_args(values), check=False)
     assert result.returncode != 0
     assert message in result.stderr
+
+
+@pytest.mark.parametrize("values", [
+    {"monitoring.podMonitor.interval": "1m30s"},
+    {"monitoring.podMonitor.interval": "1h"},
+    {"redis.persistence.size": "8G"},
+    {"redis.persistence.size": "500Mi"},
+])
+def test_values_in_every_form_kubernetes_and_prometheus_accept(values):
+    render(values)
+
+
+def test_numeric_index_args_from_set_arrive_as_strings():
+    result = run_helm("template", "rel", str(CHART), "--set", "index.extraArgs={--passage-sentences,4}")
+    job = the([d for d in yaml.safe_load_all(result.stdout) if d], "Job")
+    assert job["spec"]["template"]["spec"]["containers"][0]["command"][-2:] == ["--passage-sentences", "4"]
 
 
 def test_notes_render():
