@@ -112,6 +112,20 @@ def demo_index(corpus: Path, store_dir: Path, shards: int, model: str, tokenizer
     return manifest.version, False
 
 
+def demo_dir(path: Path) -> Path:
+    """The demo's folder, made now: a path that cannot be one fails in one
+    line before the model loads and Ray starts."""
+    from shardqa.errors import StoreError
+
+    if path.exists() and not path.is_dir():
+        raise StoreError(f"--workdir {path}: exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"--workdir {path}: cannot create it ({exc.strerror or exc})") from None
+    return path
+
+
 def run_demo(
     *,
     host: str,
@@ -142,7 +156,7 @@ def run_demo(
 
     base = settings_with(overrides)
     corpus = DEFAULT_SAMPLE_CORPUS
-    store_dir = Path(workdir or base.cache_dir / "demo").expanduser() / "index"
+    store_dir = demo_dir(Path(workdir or base.cache_dir / "demo").expanduser()) / "index"
     # A missing or wrong model fails here, in one line, before Ray starts.
     model_dir = resolve_model_dir(base.model, base.cache_dir)
     check_qa_model(model_dir)

@@ -43,6 +43,15 @@ def test_demo_with_a_missing_model_fails_in_one_line(tmp_path):
     assert_one_line_error(proc, "does not exist")
 
 
+def test_demo_workdir_that_cannot_be_a_folder_fails_in_one_line(tmp_path):
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    proc = shardqa("demo", "--model", str(TINY), "--workdir", str(plain), "--port", str(free_port()))
+    assert_one_line_error(proc, f"--workdir {plain}: exists and is not a folder")
+    proc = shardqa("demo", "--model", str(TINY), "--workdir", str(plain / "sub"), "--port", str(free_port()))
+    assert_one_line_error(proc, f"--workdir {plain / 'sub'}: cannot create it")
+
+
 def test_demo_on_a_busy_port_fails_in_one_line(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
