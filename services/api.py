@@ -221,6 +221,10 @@ def duplicate_key(body: bytes) -> str | None:
     return None
 
 
+def _shown_path(path: str) -> str:
+    return path if len(path) <= 100 else path[:97] + "..."
+
+
 def _endpoint_label(path: str) -> str:
     if path in ENDPOINTS:
         return path
@@ -281,7 +285,20 @@ def create_api(service: QAService, settings: Settings) -> FastAPI:
                                                        "of at most 4,300 digits")
         code = _STATUS_CODES.get(exc.status_code, "http_error")
         # Starlette's own headers, such as a 405's Allow, which HTTP requires.
-        return error_response(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))
+        headers = dict(getattr(exc, "headers", None) or {})
+        message = str(exc.detail)
+        path = _shown_path(request.url.path)
+        if exc.status_code == 404 and message == "Not Found":
+            message = f"nothing at {path} (the endpoints are listed at /docs)"
+        elif exc.status_code == 405:
+            # Starlette's Allow names the first route of the path only (GET,
+            # not the HEAD beside it).
+            allowed = sorted({m for r in app.routes if getattr(r, "path", None) == _app_path(request.scope)
+                              for m in getattr(r, "methods", None) or ()})
+            if allowed:
+                headers["Allow"] = ", ".join(allowed)
+                message = f"{request.method} is not allowed on {path}; use {' or '.join(allowed)}"
+        return error_response(exc.status_code, code, message, headers=headers or None)
 
     @app.exception_handler(ShardQAError)
     async def on_shardqa_error(request: Request, exc: ShardQAError):

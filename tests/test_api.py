@@ -147,10 +147,13 @@ def test_valid_requests_without_an_index_get_503(client):
 
 
 def test_unknown_paths_and_methods(client):
-    assert_error(client.get("/v2/answer"), 404, "not_found")
+    assert assert_error(client.get("/v2/answer"), 404, "not_found") == "nothing at /v2/answer (the endpoints are listed at /docs)"
     r = client.get("/v1/answer")
-    assert_error(r, 405, "method_not_allowed")
+    assert assert_error(r, 405, "method_not_allowed") == "GET is not allowed on /v1/answer; use POST"
     assert r.headers["allow"] == "POST"
+    r = client.post("/healthz", json={})
+    assert assert_error(r, 405, "method_not_allowed") == "POST is not allowed on /healthz; use GET or HEAD"
+    assert r.headers["allow"] == "GET, HEAD"
 
 
 def test_an_empty_body_is_named_as_such(client):
