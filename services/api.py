@@ -127,16 +127,20 @@ class RequestGate:
                         f"the request body must be JSON, sent with Content-Type: application/json (got {media!r})",
                     )(scope, receive, send_recording)
                     return
+                encoding = _header(scope, b"content-encoding").strip().lower()
+                if scope.get("method") == "POST" and path in JSON_BODIES and encoding not in ("", "identity"):
+                    # Nothing here inflates bodies: gzip bytes would be read
+                    # as JSON and refused as not UTF-8, a misleading reason.
+                    await error_response(
+                        415, "unsupported_media_type",
+                        f"the request body is sent with Content-Encoding: {encoding[:40]}; send it uncompressed",
+                    )(scope, receive, send_recording)
+                    return
                 body = await self._read_body(scope, receive, send_recording)
                 if body is None:
                     return
-                if path in JSON_BODIES and (name := duplicate_key(body)) is not None:
-                    # json.loads keeps the last of two equal keys: the
-                    # answer would silently be to a question the client may
-                    # not have meant.
-                    await error_response(
-                        422, "validation_error", f"the request body names {name} more than once; send each field once",
-                    )(scope, receive, send_recording)
+                if path in JSON_BODIES and (problem := body_problem(body)) is not None:
+                    await error_response(*problem)(scope, receive, send_recording)
                     return
                 replayed = False
 
@@ -209,15 +213,26 @@ def _refuse_duplicates(pairs):
         seen.add(key)
 
 
-def duplicate_key(body: bytes) -> str | None:
-    """The first key that some object of the JSON `body` names twice, if any."""
+def body_problem(body: bytes) -> tuple[int, str, str] | None:
+    """(status, code, message) for a JSON body the API refuses before
+    validation, naming what is wrong with it; None for a body to validate
+    (malformed JSON included: FastAPI's parse names where)."""
     try:
         json.loads(body, object_pairs_hook=_refuse_duplicates)
     except _DuplicateKey as exc:
+        # json.loads keeps the last of two equal keys: the answer would
+        # silently be to a question the client may not have meant.
         name = exc.args[0]
-        return json.dumps(name if len(name) <= 60 else name[:57] + "...", ensure_ascii=False)
-    except (ValueError, RecursionError):
-        pass  # not JSON: FastAPI's parse says so, in its own words
+        shown = json.dumps(name if len(name) <= 60 else name[:57] + "...", ensure_ascii=False)
+        return 422, "validation_error", f"the request body names {shown} more than once; send each field once"
+    except UnicodeDecodeError as exc:
+        return 400, "invalid_json", (f"the request body is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at "
+                                     f"offset {exc.start}); send JSON encoded as UTF-8")
+    except RecursionError:
+        return 400, "invalid_json", "the request body's JSON is nested deeper than the parser allows (a few hundred levels)"
+    except ValueError as exc:
+        if "digits" in str(exc):  # Python's limit on integer digits (CVE-2020-10735)
+            return 400, "invalid_json", "the request body holds a number of over 4,300 digits"
     return None
 
 
@@ -238,9 +253,12 @@ def _app_path(scope) -> str:
     return path[len(root):] or "/" if root and path.startswith(root) else path
 
 
+def _header(scope, name: bytes) -> str:
+    return dict(scope.get("headers") or ()).get(name, b"").decode("latin-1")
+
+
 def _content_type(scope) -> str:
-    raw = dict(scope.get("headers") or ()).get(b"content-type", b"")
-    return raw.decode("latin-1").split(";", 1)[0].strip().lower()
+    return _header(scope, b"content-type").split(";", 1)[0].strip().lower()
 
 
 def _is_json(scope) -> bool:
