@@ -153,6 +153,9 @@ def run_demo(
     if not verbose:
         logging.getLogger("ray").setLevel(logging.WARNING)
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
+        # Ray notes, on every start where a token exists in ~/.ray, that it
+        # turned token authentication on: nothing for a demo user to do.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
 
     base = settings_with(overrides)
     corpus = DEFAULT_SAMPLE_CORPUS
@@ -199,3 +202,4 @@ def run_demo(
     finally:
         echo("stopping ...")
         running.shutdown()
+        echo("stopped")

@@ -94,6 +94,7 @@ def register(app: typer.Typer) -> None:
         finally:
             typer.echo("stopping ...", err=True)
             running.shutdown()
+            typer.echo("stopped", err=True)
 
     @app.command()
     def demo(
