@@ -14,7 +14,7 @@ def register(app: typer.Typer) -> None:
     def route(
         question: str = typer.Argument(..., help="the question"),
         store: Optional[str] = typer.Option(None, "--store", "-s", help="index directory or Redis URL [default: SHARDQA_STORE]"),
-        k: Optional[int] = typer.Option(None, "--k", "-k", min=1, help="passages to route [default: SHARDQA_ROUTE_K]"),
+        k: Optional[int] = typer.Option(None, "-k", "--k", min=1, help="passages to route [default: SHARDQA_ROUTE_K]"),
         version: Optional[str] = typer.Option(None, "--version", help="index version [default: current]"),
         as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     ) -> None:
@@ -25,11 +25,17 @@ def register(app: typer.Typer) -> None:
         from shardqa.config import get_settings
         from shardqa.preprocessing.store import open_store
         from shardqa.router import Router
-        from shardqa.services.questions import check_question_text
+        from shardqa.services.questions import QuestionChecker
+        from shardqa.services.reader import resolve_model_dir
+        from shardqa.tokenization import TextTokenizer
 
         settings = get_settings()
-        # Before the router loads (seconds); the canonical text is what the service routes.
-        question = check_question_text(question, settings.max_question_chars)
+        # The service's own question checks, tokens included, before the
+        # router loads (seconds); the canonical text is what the service routes.
+        checker = QuestionChecker.for_settings(
+            settings, TextTokenizer.from_pretrained(resolve_model_dir(settings.model, settings.cache_dir)))
+        question = checker.check_text(question)
+        checker.tokenize(question)
         k = k or settings.route_k
         st = open_store(store)
         router = Router.from_store(st, version)

@@ -30,7 +30,7 @@ def one_line(proc: subprocess.CompletedProcess, code: int = 2) -> str:
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (("route", "x", "-k", "0"), "Invalid value for '--k' / '-k'"),
+        (("route", "x", "-k", "0"), "Invalid value for '-k' / '--k'"),
         (("route",), "Missing argument 'question'"),
         (("nosuch",), "No such command 'nosuch'"),
         (("route", "x", "--nope"), "No such option: --nope"),
@@ -68,7 +68,11 @@ def test_query_names_a_bad_url(url, message):
     assert message in one_line(shardqa("query", "Who?", "--url", url))
 
 
-@pytest.mark.parametrize("question, message", [("  ", "the question is empty"), ("x" * 1001, "the limit is 1000")])
+@pytest.mark.parametrize("question, message", [
+    ("  ", "the question is empty"),
+    ("x" * 1001, "the limit is 1000"),
+    ("???", "the question has no word the model knows"),
+])
 def test_route_checks_the_question_as_the_service_does(question, message, tmp_path):
     # before loading any index: the store named here does not even exist
     assert message in one_line(shardqa("route", question, "--store", str(tmp_path / "none")))
