@@ -78,7 +78,7 @@ def _describe_validation(exc: RequestValidationError, path: str = "") -> tuple[i
     for e in errors[:5]:
         # A field named "" is named as such; a 30,000-character one is not echoed whole.
         where = tuple(e.get("loc", ()))
-        loc = ".".join(_field_name(x) for x in (where[1:] if where[:1] == ("body",) else where)) or "body"
+        loc = _location(where[1:] if where[:1] == ("body",) else where)
         msg = e.get("msg", "invalid value")
         if e.get("type") == "extra_forbidden":
             msg = "unknown field"
@@ -86,6 +86,14 @@ def _describe_validation(exc: RequestValidationError, path: str = "") -> tuple[i
             msg = "field required"
         parts.append(f"{loc}: {msg}")
     return 422, "validation_error", "; ".join(parts)
+
+
+def _location(parts) -> str:
+    """A field's place as the service's own checks write it: questions[1].x."""
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else ("." if out else "") + _field_name(part)
+    return out or "body"
 
 
 def _field_name(part) -> str:

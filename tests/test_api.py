@@ -136,6 +136,9 @@ def test_batch_refuses_bad_questions_with_their_position(client):
     assert_error(client.post("/v1/answer:batch", json={"questions": []}), 422, "invalid_request")
     assert_error(client.post("/v1/answer:batch", json={"questions": ["a?"] * 5}), 422, "invalid_request")
     assert_error(client.post("/v1/answer:batch", json={"questions": "Who?"}), 422, "validation_error")
+    # The model's type checks name a position as the service's own checks do.
+    msg = assert_error(client.post("/v1/answer:batch", json={"questions": ["Who?", 3]}), 422, "validation_error")
+    assert msg == "questions[1]: Input should be a valid string"
 
 
 def test_valid_requests_without_an_index_get_503(client):
