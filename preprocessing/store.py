@@ -461,16 +461,18 @@ def open_store(url: str | os.PathLike | None = None) -> IndexStore:
         from shardqa.config import get_settings
 
         url = get_settings().store
+    from shardqa.config import REDIS_STORE_SCHEMES, STORE_SCHEMES_HINT
+
     text = str(url)
     scheme = text.split("://", 1)[0].lower() if "://" in text else ""
-    if scheme in ("redis", "rediss", "redis+cluster", "rediss+cluster", "unix"):
+    if scheme in REDIS_STORE_SCHEMES:
         from shardqa.preprocessing.redis_store import RedisStore
 
         return RedisStore(text)
     if scheme == "file":
         text = text[len("file://"):]
     elif scheme:
-        raise StoreError(f"unknown store URL scheme {scheme!r}: use a directory path, redis://, rediss:// or redis+cluster://")
+        raise StoreError(f"unknown store URL scheme {scheme!r}: use {STORE_SCHEMES_HINT}")
     if not text.strip():
         # Path("") is the working directory: an index would land among its files.
         raise StoreError("the index store is empty: name a directory or a Redis URL (--store or SHARDQA_STORE)")

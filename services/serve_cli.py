@@ -37,7 +37,7 @@ def wait_for_interrupt() -> None:
 def register(app: typer.Typer) -> None:
     @app.command()
     def serve(
-        store: Optional[str] = typer.Option(None, "--store", "-s", help="index directory or Redis URL (redis://, rediss://, redis+cluster://) [default: SHARDQA_STORE]"),
+        store: Optional[str] = typer.Option(None, "--store", "-s", help="index directory or Redis URL (redis://, rediss://, redis+cluster://, rediss+cluster://, unix://) [default: SHARDQA_STORE]"),
         ray_address: Optional[str] = typer.Option(None, "--ray-address", help="existing Ray cluster (else RAY_ADDRESS, else an embedded Ray)"),
         host: Optional[str] = typer.Option(None, "--host", help="HTTP bind address [default: SHARDQA_HOST]"),
         port: Optional[int] = typer.Option(None, "--port", "-p", min=1, max=65535, help="HTTP port [default: SHARDQA_PORT]"),

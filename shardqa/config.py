@@ -23,6 +23,11 @@ DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "shardqa-minilm-l6-squad1"
 #: The most shards an index may have.
 MAX_SHARDS = 1024
 DEFAULT_SAMPLE_CORPUS = REPO_ROOT / "samples" / "squad-dev-sample.json"
+#: URL schemes of an index store (preprocessing.store.open_store); a plain
+#: path is a directory store.
+REDIS_STORE_SCHEMES = ("redis", "rediss", "redis+cluster", "rediss+cluster", "unix")
+STORE_SCHEMES = (*REDIS_STORE_SCHEMES, "file")
+STORE_SCHEMES_HINT = "a directory path, or redis://, rediss://, redis+cluster://, rediss+cluster:// or unix://"
 
 Backend = Literal["torch", "onnx", "onnx-int8"]
 
@@ -62,7 +67,7 @@ class Settings(BaseSettings):
     )
 
     # --- index and routing --------------------------------------------------------
-    store: str = Field("./shardqa-index", min_length=1, description="index store: a directory, redis://, rediss:// or redis+cluster:// URL")
+    store: str = Field("./shardqa-index", min_length=1, description="index store: a directory, or a redis://, rediss://, redis+cluster://, rediss+cluster:// or unix:// URL")
     # Each shard is a Serve deployment and a Redis hash tag; thousands are
     # never meant (and a typo of 100000 would write a folder per shard).
     shards: int = Field(4, ge=1, le=MAX_SHARDS, description="shards to build when indexing")
@@ -179,6 +184,16 @@ class Settings(BaseSettings):
                 parse_redis_url(value)
             except StoreError as exc:
                 raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("store")
+    @classmethod
+    def _store_scheme(cls, value):
+        # As open_store reads it: a typo'd scheme fails at start-up, not at
+        # the first index read.
+        scheme = value.split("://", 1)[0].lower() if "://" in value else ""
+        if scheme and scheme not in STORE_SCHEMES:
+            raise ValueError(f"unknown store URL scheme {scheme!r}: use {STORE_SCHEMES_HINT}")
         return value
 
     @field_validator("doc_stride")

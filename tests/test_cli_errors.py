@@ -339,6 +339,7 @@ def test_a_password_in_a_service_url_is_not_shown():
     ("SHARDQA_CACHE_URL", "redis://:s3cret@h:70000", "bad port"),
     ("SHARDQA_MODEL", "", "must name a model folder"),
     ("SHARDQA_DOC_STRIDE", "384", "SHARDQA_DOC_STRIDE='384': must be smaller than max_seq_len (384)"),
+    ("SHARDQA_STORE", "ftp://x", "SHARDQA_STORE='ftp://x': unknown store URL scheme 'ftp'"),
 ])
 def test_settings_that_can_never_work_are_refused_where_settings_are_read(variable, value, message):
     line = one_line(shardqa("config", env={variable: value}))
