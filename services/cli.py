@@ -34,7 +34,7 @@ def register(app: typer.Typer) -> None:
     def ask(
         question: str = typer.Argument(..., help="the question"),
         context: Optional[str] = typer.Option(None, "--context", "-c", help="the text to answer from"),
-        context_file: Optional[Path] = typer.Option(None, "--context-file", "-f", help="read the text from a UTF-8 file"),
+        context_file: Optional[Path] = typer.Option(None, "--context-file", "-f", help="read the text from a UTF-8 file (- reads standard input)"),
         model: Optional[str] = typer.Option(None, "--model", "-m", help="QA model directory [default: SHARDQA_MODEL, the shipped model unless set]"),
         backend: Optional[Backend] = typer.Option(None, "--backend", "-b", help="torch, onnx or onnx-int8"),
         top_k: int = typer.Option(1, "--top-k", "-k", min=1, max=50, help="answers to show"),

@@ -383,12 +383,17 @@ def _model_id(model_dir: Path) -> str:
 
 
 def read_context_file(path: str | Path) -> str:
-    """A context file's text; invalid UTF-8 is a user error, not a crash."""
+    """A context file's text (``-``: standard input); invalid UTF-8 is a user
+    error, not a crash."""
+    import sys
+
     try:
-        return Path(path).read_bytes().decode("utf-8")
+        raw = sys.stdin.buffer.read() if str(path) == "-" else Path(path).read_bytes()
+        return raw.decode("utf-8")
     except FileNotFoundError:
         raise InvalidContext(f"context file {path} does not exist") from None
     except IsADirectoryError:
         raise InvalidContext(f"context file {path} is a directory") from None
     except UnicodeDecodeError as exc:
-        raise InvalidContext(f"context file {path} is not valid UTF-8 (byte {exc.start})") from None
+        where = "standard input" if str(path) == "-" else f"context file {path}"
+        raise InvalidContext(f"{where} is not valid UTF-8 (byte {exc.start})") from None

@@ -42,6 +42,17 @@ def test_context_file_is_read(tmp_path):
     assert json.loads(proc.stdout)[0]["text"] in CTX
 
 
+def test_context_from_standard_input():
+    proc = shardqa("ask", "Where is Normandy?", "--context-file", "-", "--model", str(TINY), "--backend", "torch", "--json",
+                   input=CTX)
+    assert proc.returncode == 0, proc.stderr
+    a = json.loads(proc.stdout)[0]
+    assert CTX[a["start"]:a["end"]] == a["text"]
+    bad = subprocess.run([sys.executable, "-m", "shardqa.cli", "ask", "What?", "-f", "-", "--model", str(TINY)],
+                         input=b"\xff", capture_output=True, timeout=120)
+    assert bad.returncode == 2 and b"error: standard input is not valid UTF-8" in bad.stderr
+
+
 @pytest.mark.parametrize(
     "args, fragment",
     [
