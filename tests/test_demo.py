@@ -319,7 +319,7 @@ def test_a_failed_serve_start_stops_the_embedded_ray_and_says_what_failed(monkey
     from shardqa.services.runtime import StartupError
 
     stopped = []
-    monkeypatch.setattr(runtime, "fast_ingress_env", lambda on, folder=None: {})
+    monkeypatch.setattr(runtime, "fast_ingress_env", lambda on: {})
     monkeypatch.setattr(runtime, "start_ray", lambda *a, **k: True)
     monkeypatch.setattr(runtime, "stop_haproxy", lambda before: stopped.append("haproxy"))
     monkeypatch.setattr(ray, "shutdown", lambda *a, **k: stopped.append("ray"))
