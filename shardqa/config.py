@@ -204,6 +204,15 @@ class Settings(BaseSettings):
             raise ValueError(f"must be smaller than max_seq_len ({seq})")
         return value
 
+    @field_validator("host")
+    @classmethod
+    def _host_named(cls, value):
+        # An empty host reads as "any address" to a server but as no host at
+        # all in the URL a client builds from it (http://:8000).
+        if not value.strip():
+            raise ValueError("must name an address (e.g. 127.0.0.1 or 0.0.0.0), not be empty")
+        return value
+
     @field_validator("model")
     @classmethod
     def _model_named(cls, value):
@@ -234,7 +243,10 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             text = value.strip()
             if text.startswith("["):
-                return json.loads(text)  # a JSONDecodeError is a ValueError: reported as this field's problem
+                try:
+                    return json.loads(text)
+                except ValueError as exc:
+                    raise ValueError(f"expected a JSON list of provider names or a comma-separated list ({exc})") from None
             return [part.strip() for part in text.split(",") if part.strip()]
         return value
 

@@ -340,6 +340,7 @@ def test_a_password_in_a_service_url_is_not_shown():
     ("SHARDQA_MODEL", "", "must name a model folder"),
     ("SHARDQA_DOC_STRIDE", "384", "SHARDQA_DOC_STRIDE='384': must be smaller than max_seq_len (384)"),
     ("SHARDQA_STORE", "ftp://x", "SHARDQA_STORE='ftp://x': unknown store URL scheme 'ftp'"),
+    ("SHARDQA_HOST", "", "SHARDQA_HOST='': must name an address"),
 ])
 def test_settings_that_can_never_work_are_refused_where_settings_are_read(variable, value, message):
     line = one_line(shardqa("config", env={variable: value}))
