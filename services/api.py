@@ -147,7 +147,7 @@ class RequestGate:
                 body = await self._read_body(scope, receive, send_recording)
                 if body is None:
                     return
-                if path in JSON_BODIES and (problem := body_problem(body)) is not None:
+                if scope.get("method") == "POST" and path in JSON_BODIES and (problem := body_problem(body)) is not None:
                     await error_response(*problem)(scope, receive, send_recording)
                     return
                 replayed = False

@@ -89,6 +89,8 @@ def test_a_body_not_sent_as_json_is_415_naming_the_content_type(client, content_
 def test_other_methods_on_the_answer_routes_stay_405_whatever_their_body(client):
     r = client.put("/v1/answer", content=b"question=x", headers={"content-type": "application/x-www-form-urlencoded"})
     assert_error(r, 405, "method_not_allowed")
+    r = client.put("/v1/answer", content=b'{"question": "a", "question": "b"}', headers={"content-type": "application/json"})
+    assert_error(r, 405, "method_not_allowed")
 
 
 def test_the_api_s_paths_are_read_below_serve_s_route_prefix():
