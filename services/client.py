@@ -46,6 +46,7 @@ def service_url(url: str) -> str:
     before anything waits on it."""
     # A base URL copied with its trailing slash would otherwise ask //v1/answer
     # (404), and so would the endpoint's own URL, copied from a curl line.
+    given = url
     url = url.rstrip("/")
     for endpoint in ("/v1/answer", "/v1/answer:batch"):
         if url.endswith(endpoint):
@@ -53,11 +54,11 @@ def service_url(url: str) -> str:
     try:
         parsed = httpx.URL(url)
     except (httpx.InvalidURL, ValueError, TypeError) as exc:
-        raise ServiceRequestFailed(f"not a valid URL: {redact_url(url)!r} ({exc})") from None
+        raise ServiceRequestFailed(f"not a valid URL: {redact_url(given)!r} ({exc})") from None
     if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise ServiceRequestFailed(f"not a service URL: {redact_url(url)!r}; expected http://host:port")
+        raise ServiceRequestFailed(f"not a service URL: {redact_url(given)!r}; expected http://host:port")
     if parsed.port is not None and not 1 <= parsed.port <= 65535:
-        raise ServiceRequestFailed(f"not a valid port in {redact_url(url)!r}: {parsed.port} (1-65535)")
+        raise ServiceRequestFailed(f"not a valid port in {redact_url(given)!r}: {parsed.port} (1-65535)")
     return url
 
 

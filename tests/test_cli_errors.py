@@ -61,7 +61,7 @@ def test_an_unexpected_failure_is_still_one_line_and_debug_shows_the_traceback(m
 
 @pytest.mark.parametrize("url, message", [
     ("http://[::1", "not a valid URL"),
-    ("http://", "not a service URL"),
+    ("http://", "not a service URL: 'http://'"),
     ("ftp://x", "not a service URL"),
 ])
 def test_query_names_a_bad_url(url, message):
