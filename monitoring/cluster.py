@@ -19,6 +19,7 @@ the RayService as an annotation.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -166,6 +167,12 @@ class ShardQACluster:
         self.custom = client.CustomObjectsApi(api_client)
         self.core = client.CoreV1Api(api_client)
         self.batch = client.BatchV1Api(api_client)
+        # Reads through the service proxy get a client that does not retry:
+        # urllib3 would try a read that timed out three more times, each
+        # with the full PROXY_TIMEOUT_S.
+        proxy_config = copy.deepcopy(api_client.configuration)
+        proxy_config.retries = 0
+        self.proxy = client.CoreV1Api(client.ApiClient(proxy_config))
         self._sleep = sleep
 
     # --- reading ------------------------------------------------------------------
@@ -189,7 +196,7 @@ class ShardQACluster:
         from kubernetes.client.exceptions import ApiException
 
         try:
-            body = self.core.connect_get_namespaced_service_proxy_with_path(
+            body = self.proxy.connect_get_namespaced_service_proxy_with_path(
                 f"{service}:{port}", self.namespace, path.lstrip("/"), _preload_content=False,
                 _request_timeout=PROXY_TIMEOUT_S,
             )
@@ -208,7 +215,7 @@ class ShardQACluster:
         status, data = self._proxy_json(f"{self.name}-head-svc", DASHBOARD_PORT, "/api/serve/applications/")
         return data if status == 200 and isinstance(data, dict) else None
 
-    def readiness(self, rs: dict[str, Any] | None = None) -> tuple[int, dict[str, Any] | None]:
+    def readiness(self, rs: dict[str, Any] | None = None) -> tuple[int | None, dict[str, Any] | None]:
         """The service's /readyz, under the application's route prefix (read
         from the RayService, ``rs`` when the caller has it)."""
         prefix = route_prefix(rs if rs is not None else self.rayservice())
