@@ -65,38 +65,59 @@ def test_stop_haproxy_without_a_folder_does_nothing():
     stop_haproxy(None)
 
 
+#: Run in a process of its own: Serve reads RAY_SERVE_ENABLE_HA_PROXY once,
+#: at import, so the fast ingress must not leak into the other Ray tests.
+_FAST_INGRESS_SERVICE = r"""
+import json, socket, sys
+from pathlib import Path
+
+import httpx
+
+from shardqa.preprocessing.build import build_index
+from shardqa.services.app import service_config_from_args
+from shardqa.services.runtime import deploy, haproxy_pids, wait_ready
+
+root, work = Path(sys.argv[1]), Path(sys.argv[2])
+tiny = root / "tests" / "fixtures" / "tiny-bert-qa"
+build_index(root / "samples" / "squad-dev-sample.json", str(work / "index"), 1, str(tiny))
+config = service_config_from_args({"store": str(work / "index"), "model": str(tiny), "backend": "torch", "shards": 1,
+                                   "num_cpus_per_replica": 0.5, "fast_ingress": True})
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+running = deploy(config, "127.0.0.1", port, quiet=True)
+out = {"dir": running.haproxy_dir}
+try:
+    wait_ready(running.url, timeout_s=600)
+    out["pids_serving"] = sorted(haproxy_pids(running.haproxy_dir)) if running.haproxy_dir else []
+    r = httpx.post(f"{running.url}/v1/answer", json={"question": "Who gave their name to Normandy?"}, timeout=60)
+    out["status"], out["answers"] = r.status_code, len(r.json().get("answers", []))
+    out["via_haproxy"] = r.headers.get("server", "")
+finally:
+    running.shutdown()
+out["pids_after"] = sorted(haproxy_pids(running.haproxy_dir)) if running.haproxy_dir else []
+out["dir_after"] = bool(running.haproxy_dir) and Path(running.haproxy_dir).exists()
+print(json.dumps(out))
+"""
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_an_embedded_service_runs_haproxy_in_its_own_folder_and_removes_it(tmp_path):
-    """Serve's fast ingress for real: HTTP answers through HAProxy, whose
-    config lives in the service's own folder, and shutting down stops that
+    """Serve's fast ingress for real: HTTP answers through HAProxy, running
+    on a config in this service's node folder; shutting down stops that
     HAProxy and removes the folder."""
-    import httpx
-
-    from shardqa.preprocessing.build import build_index
-    from shardqa.services.app import service_config_from_args
-    from shardqa.services.runtime import deploy, wait_ready
+    import json
+    import os
+    import sys
 
     root = Path(__file__).resolve().parent.parent
-    tiny = root / "tests" / "fixtures" / "tiny-bert-qa"
-    store = tmp_path / "index"
-    build_index(root / "samples" / "squad-dev-sample.json", str(store), 1, str(tiny))
-    config = service_config_from_args({"store": str(store), "model": str(tiny), "backend": "torch", "shards": 1,
-                                       "num_cpus_per_replica": 0.5, "fast_ingress": True})
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    running = deploy(config, "127.0.0.1", port, quiet=True)
-    try:
-        import ray
-
-        folder = Path(running.haproxy_dir)
-        assert folder.name == ray.get_runtime_context().get_node_id()
-        wait_ready(running.url, timeout_s=600)
-        assert haproxy_pids(str(folder))  # Serve's HAProxy runs on this service's config
-        r = httpx.post(f"{running.url}/v1/answer", json={"question": "Who gave their name to Normandy?"}, timeout=60)
-        assert r.status_code == 200 and r.json()["answers"]
-    finally:
-        running.shutdown()
-    assert not haproxy_pids(str(folder))
-    assert not folder.exists()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    proc = subprocess.run([sys.executable, "-c", _FAST_INGRESS_SERVICE, str(root), str(tmp_path)], capture_output=True,
+                          text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["dir"] and Path(out["dir"]).parent == Path(haproxy_dir_of_node("x")).parent, out
+    assert out["pids_serving"], out  # an HAProxy ran on this service's config
+    assert out["status"] == 200 and out["answers"] >= 1, out
+    assert out["pids_after"] == [] and out["dir_after"] is False, out
