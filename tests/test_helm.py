@@ -315,22 +315,31 @@ def test_worker_pods_hold_every_serve_replica(case):
         # Enough CPUs in total (6 for 5.8), but a 2-CPU pod holds one replica of 1.2.
         (
             {"serve.numCpusPerReplica": 1.2},
-            "serve runs 4 shard replicas (4 shards x 1 replicasPerShard) but the worker pods hold only 3 of them"
-            " (a replica of 1.2 CPUs never spans pods; cpuWorkers: 3 pods x 1 each); raise cpuWorkers.replicas",
+            "serve runs 4 shard replicas (4 shards x 1 replicasPerShard) but the worker pods hold only 3 of them:"
+            " a replica (serve.numCpusPerReplica=1.2) never spans pods (cpuWorkers: 3 pods, 1 each);"
+            " raise cpuWorkers.replicas or cpuWorkers.resources.limits.cpu, or lower serve.numCpusPerReplica",
         ),
         # GPU replicas count only the GPU pods' CPUs.
         (
             {"gpuWorkers.enabled": True, "serve.numGpusPerReplica": 0.25, "gpuWorkers.gpusPerPod": 4,
              "gpuWorkers.resources": {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"cpu": "2", "memory": "8Gi"}}},
-            "but the worker pods hold only 2 of them (a replica of 1 CPUs and 0.25 GPUs never spans pods; gpuWorkers: 1 pods x 2 each);"
-            " raise gpuWorkers.replicas",
+            "but the worker pods hold only 2 of them: a replica (serve.numCpusPerReplica=1, numGpusPerReplica=0.25) never"
+            " spans pods (gpuWorkers: 1 pods, 2 each); raise gpuWorkers.replicas or gpuWorkers.resources.limits.cpu",
         ),
         # KubeRay clamps replicas into [minReplicas, maxReplicas], autoscaler or not.
         (
             {"serve.shards": 16, "serve.replicasPerShard": 2, "cpuWorkers.replicas": 17},
-            "cpuWorkers.replicas (17) is outside cpuWorkers.minReplicas..maxReplicas (1..8), and KubeRay would run 8 pods",
+            "cpuWorkers.replicas (17) is outside cpuWorkers.minReplicas..maxReplicas (1..8), where KubeRay would keep it at 8;"
+            " set cpuWorkers.minReplicas <= cpuWorkers.replicas <= cpuWorkers.maxReplicas (e.g. cpuWorkers.maxReplicas=17)",
         ),
         ({"cpuWorkers.minReplicas": 5, "cpuWorkers.maxReplicas": 3}, "cpuWorkers.minReplicas (5) is above cpuWorkers.maxReplicas (3)"),
+        # Enough CPUs in total (3.9 of 4) and a pod for each shard replica, but each pod keeps
+        # only 0.8 CPU beside its 1.2-CPU shard replica: room for 2 of the 3 ingress replicas.
+        (
+            {"serve.shards": 2, "serve.numCpusPerReplica": 1.2, "serve.ingressReplicas": 3, "cpuWorkers.replicas": 2},
+            "serve runs 3 ingress replicas of 0.5 CPU, but the CPUs the shard replicas leave free on the worker pods"
+            " (a replica never spans pods) hold only 2 of them; raise cpuWorkers.replicas",
+        ),
         ({"cpuWorkers.minReplicas": 5, "cpuWorkers.maxReplicas": 3, "autoscaling": True}, "cpuWorkers.minReplicas (5) is above"),
     ],
 )
@@ -705,6 +714,7 @@ def test_value_defaults_match_settings():
         ({"monitoring.podMonitor.interval": "5x"}, "/monitoring/podMonitor/interval"),
         ({"monitoring.podMonitor.interval": ""}, "/monitoring/podMonitor/interval"),
         ({"redis.persistence.size": "8GB"}, "/redis/persistence/size"),
+        ({"redis.persistence.size": "8"}, "/redis/persistence/size"),  # 8 bytes: a unit is required
     ],
 )
 def test_bad_values_fail_at_install_time(values, message):
