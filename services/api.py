@@ -48,6 +48,9 @@ CLIENT_CLOSED = 499
 JSON_BODIES = frozenset({"/v1/answer", "/v1/answer:batch"})
 #: FastAPI's detail when it cannot decode a body it was told is JSON (invalid UTF-8, for one).
 _UNDECODABLE_BODY = "There was an error parsing the body"
+#: Python's JSON parser recurses once per level, up to the interpreter's
+#: recursion limit (1,000, less the stack already in use).
+TOO_DEEP = "the request body's JSON is nested deeper than the parser allows (about a thousand levels)"
 _STATUS_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large", 415: "unsupported_media_type"}
 
 ERRORS = {
@@ -96,11 +99,14 @@ def _location(parts) -> str:
     return out or "body"
 
 
+def _shorten(text: str, limit: int = 60) -> str:
+    """User text echoed in a message, cut to `limit` characters."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _field_name(part) -> str:
     name = str(part)
-    if not name:
-        return '""'
-    return name if len(name) <= 60 else name[:57] + "..."
+    return _shorten(name) if name else '""'
 
 
 class RequestGate:
@@ -226,26 +232,24 @@ def body_problem(body: bytes) -> tuple[int, str, str] | None:
     validation, naming what is wrong with it; None for a body to validate
     (malformed JSON included: FastAPI's parse names where)."""
     try:
-        json.loads(body, object_pairs_hook=_refuse_duplicates)
+        # Decoded here, not by json.loads, which would also take UTF-16 and
+        # UTF-32: JSON between systems is UTF-8 (RFC 8259), and a BOM is
+        # left for FastAPI's parse.
+        json.loads(body.decode("utf-8"), object_pairs_hook=_refuse_duplicates)
     except _DuplicateKey as exc:
         # json.loads keeps the last of two equal keys: the answer would
         # silently be to a question the client may not have meant.
-        name = exc.args[0]
-        shown = json.dumps(name if len(name) <= 60 else name[:57] + "...", ensure_ascii=False)
+        shown = json.dumps(_shorten(exc.args[0]), ensure_ascii=False)
         return 422, "validation_error", f"the request body names {shown} more than once; send each field once"
     except UnicodeDecodeError as exc:
         return 400, "invalid_json", (f"the request body is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at "
                                      f"offset {exc.start}); send JSON encoded as UTF-8")
     except RecursionError:
-        return 400, "invalid_json", "the request body's JSON is nested deeper than the parser allows (a few hundred levels)"
+        return 400, "invalid_json", TOO_DEEP
     except ValueError as exc:
         if "digits" in str(exc):  # Python's limit on integer digits (CVE-2020-10735)
             return 400, "invalid_json", "the request body holds a number of over 4,300 digits"
     return None
-
-
-def _shown_path(path: str) -> str:
-    return path if len(path) <= 100 else path[:97] + "..."
 
 
 def _endpoint_label(path: str) -> str:
@@ -306,24 +310,25 @@ def create_api(service: QAService, settings: Settings) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException):
         if exc.status_code == 400 and exc.detail == _UNDECODABLE_BODY:
-            return error_response(400, "invalid_json", "the request body is not JSON the service can read: it must be "
-                                                       "UTF-8 text, nested at most a few hundred levels, with numbers "
-                                                       "of at most 4,300 digits")
+            # body_problem names these before FastAPI parses; a body nested
+            # right at the parser's depth limit can still end here.
+            return error_response(400, "invalid_json", TOO_DEEP)
         code = _STATUS_CODES.get(exc.status_code, "http_error")
         # Starlette's own headers, such as a 405's Allow, which HTTP requires.
         headers = dict(getattr(exc, "headers", None) or {})
         message = str(exc.detail)
-        path = _shown_path(request.url.path)
+        path = _shorten(request.url.path, 100)
         if exc.status_code == 404 and message == "Not Found":
-            message = f"nothing at {path} (the endpoints are listed at /docs)"
+            message = f"nothing at {path} (the endpoints are listed at {request.scope.get('root_path', '')}/docs)"
         elif exc.status_code == 405:
             # Starlette's Allow names the first route of the path only (GET,
-            # not the HEAD beside it).
+            # not the HEAD beside it); Swagger UI's files have no route.
             allowed = sorted({m for r in app.routes if getattr(r, "path", None) == _app_path(request.scope)
                               for m in getattr(r, "methods", None) or ()})
             if allowed:
                 headers["Allow"] = ", ".join(allowed)
-                message = f"{request.method} is not allowed on {path}; use {' or '.join(allowed)}"
+            allowed = allowed or [m.strip() for m in headers.get("Allow", headers.get("allow", "")).split(",") if m.strip()]
+            message = f"{request.method} is not allowed on {path}" + (f"; use {' or '.join(allowed)}" if allowed else "")
         return error_response(exc.status_code, code, message, headers=headers or None)
 
     @app.exception_handler(ShardQAError)

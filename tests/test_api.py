@@ -490,7 +490,7 @@ def test_the_same_key_in_different_objects_is_not_a_duplicate(client):
 def test_json_nested_too_deep_is_named_as_such(client):
     body = "[" * 2000 + "]" * 2000  # valid JSON, deeper than the parser's recursion limit
     message = assert_error(client.post("/v1/answer", content=body, headers={"content-type": "application/json"}), 400, "invalid_json")
-    assert message == "the request body's JSON is nested deeper than the parser allows (a few hundred levels)"
+    assert message == "the request body's JSON is nested deeper than the parser allows (about a thousand levels)"
 
 
 def test_a_number_too_long_to_parse_is_named_as_such():
@@ -510,7 +510,25 @@ def test_a_compressed_body_is_named_as_such(client):
                     headers={"content-type": "application/json", "content-encoding": "gzip"})
     assert assert_error(r, 415, "unsupported_media_type") == "the request body is sent with Content-Encoding: gzip; send it uncompressed"
     r = client.post("/v1/answer", json={"question": "Who?"}, headers={"content-encoding": "identity"})
-    assert r.status_code != 415
+    assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"  # accepted; this app has no index
+
+
+def test_a_body_in_utf16_is_refused_as_not_utf8(client):
+    r = client.post("/v1/answer", content='{"question": "Who?"}'.encode("utf-16"), headers={"content-type": "application/json"})
+    assert assert_error(r, 400, "invalid_json").startswith("the request body is not UTF-8 text (byte 0xff at offset 0)")
+
+
+def test_a_404_under_a_route_prefix_points_at_the_prefixed_docs(client):
+    assert assert_error(client.get("/v2/x"), 404, "not_found") == "nothing at /v2/x (the endpoints are listed at /docs)"
+    # Serve mounts the app under its route prefix as the ASGI root_path.
+    prefixed = TestClient(client.app, root_path="/qa", raise_server_exceptions=False)
+    r = prefixed.get("/qa/v2/x")
+    assert assert_error(r, 404, "not_found") == "nothing at /qa/v2/x (the endpoints are listed at /qa/docs)"
+
+
+def test_a_405_on_swagger_ui_files_names_the_method(client):
+    r = client.post("/docs/assets/swagger-ui.css", content=b"{}")
+    assert assert_error(r, 405, "method_not_allowed").startswith("POST is not allowed on /docs/assets/swagger-ui.css")
 
 
 @pytest.mark.parametrize("path", ["/healthz", "/readyz", "/v1/index", "/metrics"])
