@@ -14,7 +14,7 @@ def register(app: typer.Typer) -> None:
     @app.command("index")
     def index(
         corpus: Path = typer.Argument(..., help="JSONL (id,title,text), SQuAD-format JSON, or a folder of .txt/.md files"),
-        store: Optional[str] = typer.Option(None, "--store", "-s", help="index directory or redis://, rediss://, redis+cluster://host:port URL [default: SHARDQA_STORE]"),
+        store: Optional[str] = typer.Option(None, "--store", "-s", help="index directory or Redis URL (redis://, rediss://, redis+cluster://host:port,..., rediss+cluster://, unix://) [default: SHARDQA_STORE]"),
         shards: Optional[int] = typer.Option(None, "--shards", "-n", min=1, max=MAX_SHARDS, help="number of shards [default: SHARDQA_SHARDS]"),
         model: Optional[str] = typer.Option(None, "--model", "-m", help="model directory whose tokenizer pre-tokenises passages [default: SHARDQA_MODEL]"),
         passage_sentences: Optional[int] = typer.Option(None, "--passage-sentences", min=1, help="sentences per passage window [default: SHARDQA_PASSAGE_SENTENCES]"),

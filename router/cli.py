@@ -26,14 +26,12 @@ def register(app: typer.Typer) -> None:
         from shardqa.preprocessing.store import open_store
         from shardqa.router import Router
         from shardqa.services.questions import QuestionChecker
-        from shardqa.services.reader import resolve_model_dir
-        from shardqa.tokenization import TextTokenizer
 
         settings = get_settings()
-        # The service's own question checks, tokens included, before the
-        # router loads (seconds); the canonical text is what the service routes.
-        checker = QuestionChecker.for_settings(
-            settings, TextTokenizer.from_pretrained(resolve_model_dir(settings.model, settings.cache_dir)))
+        # The service's own question checks, tokens included (with the
+        # serving model's tokenizer), before the router loads (seconds); the
+        # canonical text is what the service routes.
+        checker = QuestionChecker.for_settings(settings)
         question = checker.check_text(question)
         checker.tokenize(question)
         k = k or settings.route_k
@@ -82,14 +80,11 @@ def register(app: typer.Typer) -> None:
         from shardqa.router.evaluate import KS, evaluate_routing
 
         from shardqa.services.questions import QuestionChecker
-        from shardqa.services.reader import resolve_model_dir
-        from shardqa.tokenization import TextTokenizer
 
         questions = read_squad_questions(squad_json)  # a bad file fails before the router loads (seconds)
         settings = get_settings()
         # The service's own question checks, tokens included, with its model's tokenizer.
-        checker = QuestionChecker.for_settings(
-            settings, TextTokenizer.from_pretrained(resolve_model_dir(settings.model, settings.cache_dir)))
+        checker = QuestionChecker.for_settings(settings)
         st = open_store(store)
         router = Router.from_store(st, version)
         ev = evaluate_routing(router, st, squad_json, limit=limit, questions=questions, checker=checker)

@@ -61,7 +61,14 @@ class QuestionChecker:
         self.case_insensitive = tokenizer.folds_case
 
     @classmethod
-    def for_settings(cls, settings: Settings, tokenizer: TextTokenizer) -> "QuestionChecker":
+    def for_settings(cls, settings: Settings, tokenizer: TextTokenizer | None = None) -> "QuestionChecker":
+        """The service's checks under `settings`; without `tokenizer`, with
+        the serving model's (what the commands that route outside the
+        service use, so they refuse what it refuses)."""
+        if tokenizer is None:
+            from shardqa.services.reader import resolve_model_dir
+
+            tokenizer = TextTokenizer.from_pretrained(resolve_model_dir(settings.model, settings.cache_dir))
         return cls(tokenizer, settings.max_question_chars, max_question_tokens(settings, tokenizer))
 
     def check_text(self, question: str) -> str:

@@ -267,13 +267,13 @@ def deploy(config: ServiceConfig, host: str, port: int, *, address: str | None =
 
     embedded = start_ray(config, ray_address(address), quiet=quiet)
     haproxy_dir = None
-    if embedded and os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
-        import ray
-
-        haproxy_dir = haproxy_dir_of_node(ray.get_runtime_context().get_node_id())
     # Access logs cost time on every request and say nothing /metrics does not.
     logging_config = LoggingConfig(enable_access_log=False, log_level="WARNING" if quiet else "INFO")
     try:
+        if embedded and os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
+            import ray
+
+            haproxy_dir = haproxy_dir_of_node(ray.get_runtime_context().get_node_id())
         serve.start(http_options=HTTPOptions(host=host, port=port), logging_config=logging_config)
         serve_log.setLevel(logging.WARNING if quiet else logging.INFO)  # serve.start may have reset it
         serve.run(build_graph(config), name=app_name, route_prefix="/", logging_config=logging_config)

@@ -27,7 +27,7 @@ DEFAULT_SAMPLE_CORPUS = REPO_ROOT / "samples" / "squad-dev-sample.json"
 #: path is a directory store.
 REDIS_STORE_SCHEMES = ("redis", "rediss", "redis+cluster", "rediss+cluster", "unix")
 STORE_SCHEMES = (*REDIS_STORE_SCHEMES, "file")
-STORE_SCHEMES_HINT = "a directory path, or redis://, rediss://, redis+cluster://, rediss+cluster:// or unix://"
+STORE_SCHEMES_HINT = "a directory path (or file://), or redis://, rediss://, redis+cluster://, rediss+cluster:// or unix://"
 
 Backend = Literal["torch", "onnx", "onnx-int8"]
 

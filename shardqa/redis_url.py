@@ -65,8 +65,10 @@ def redact_url(url: str) -> str:
 def parse_redis_url(url: str) -> RedisURL:
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
-    if scheme not in ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster"):
-        raise StoreError(f"not a Redis URL: {scheme}:// (use redis://, rediss://, unix:// or redis+cluster://)")
+    from shardqa.config import REDIS_STORE_SCHEMES
+
+    if scheme not in REDIS_STORE_SCHEMES:
+        raise StoreError(f"not a Redis URL: {scheme}:// (use {', '.join(s + '://' for s in REDIS_STORE_SCHEMES)})")
     cluster = scheme.endswith("+cluster")
     nodes = []
     if cluster:
