@@ -80,11 +80,14 @@ class ClusterStatus:
     #: Shards that cannot answer: no ready replica, or (replica counts
     #: unknown) a failed state in KubeRay's view.
     failing_shards: list[int] = field(default_factory=list)
+    #: The other deployments (the ingress) that cannot answer, likewise.
+    failing_others: list[str] = field(default_factory=list)
 
     @property
     def healthy(self) -> bool:
         """What `shardqa cluster status` exits 0 on."""
-        return self.ready and not self.failing_shards and self.application_status not in FAILED_STATES
+        return (self.ready and not self.failing_shards and not self.failing_others
+                and self.application_status not in FAILED_STATES)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "healthy": self.healthy}
@@ -275,6 +278,11 @@ class ShardQACluster:
             elif shard.ready_replicas is None and shard.status in FAILED_STATES:
                 result.problems.append(f"shard {shard.shard} is {shard.status} (KubeRay's view; replica counts unknown)")
                 result.failing_shards.append(shard.shard)
+        for other in result.others:
+            if other.ready_replicas == 0 or (other.ready_replicas is None and other.status in FAILED_STATES):
+                result.problems.append(f"deployment {other.name} has no ready replica" if other.ready_replicas == 0
+                                       else f"deployment {other.name} is {other.status} (KubeRay's view; replica counts unknown)")
+                result.failing_others.append(other.name)
         if result.application_status in FAILED_STATES:
             result.problems.append(f"the Serve application is {result.application_status}")
 

@@ -220,6 +220,17 @@ async def test_a_failed_application_is_not_healthy(k8s):
 
 
 @pytest.mark.asyncio
+async def test_an_ingress_without_replicas_is_not_healthy(k8s):
+    k8s.objects[RAYSERVICE, NS, NAME] = rayservice({"ingress": "UNHEALTHY", "shard-0": "HEALTHY"})
+    k8s[SERVE_API] << serve_details({"ingress": (0, 1), "shard-0": (1, 1)})
+    k8s[READYZ] << readyz("v1", 1)
+
+    st = await asyncio.to_thread(cluster(k8s).status)
+    assert not st.healthy and st.failing_others == ["ingress"]
+    assert "deployment ingress has no ready replica" in st.problems
+
+
+@pytest.mark.asyncio
 async def test_a_proxy_read_that_never_answers_times_out(k8s, monkeypatch):
     """A NetworkPolicy that drops the API server's proxied connection must
     not hold the command for the API server's own dial timeout."""
