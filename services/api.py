@@ -389,4 +389,29 @@ def create_api(service: QAService, settings: Settings) -> FastAPI:
             route.methods.add("HEAD")
 
     app.add_middleware(RequestGate, max_body_bytes=settings.max_body_bytes)
+    document_limits(app, settings)
     return app
+
+
+def document_limits(app: FastAPI, settings: Settings) -> None:
+    """The request limits in force, in the OpenAPI document: they are
+    settings, so the models cannot state them, and a client generated from
+    the document (or a fuzzer) should know them without reading the README."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            doc = build()
+            schemas = doc["components"]["schemas"]
+            question = {"minLength": 1, "maxLength": settings.max_question_chars}
+            top_k = {"minimum": 1, "maximum": settings.max_top_k}
+            one = schemas["AnswerRequest"]["properties"]
+            one["question"].update(question)
+            one["top_k"].update(top_k)
+            many = schemas["BatchAnswerRequest"]["properties"]
+            many["questions"].update(minItems=1, maxItems=settings.max_batch_questions)
+            many["questions"]["items"].update(question)
+            many["top_k"].update(top_k)
+        return app.openapi_schema
+
+    app.openapi = openapi

@@ -24,7 +24,7 @@ class BatchAnswerRequest(BaseModel):
     model_config = _STRICT
 
     questions: list[str] = Field(description="Questions to answer in one call (1 .. max_batch_questions).")
-    top_k: int = Field(1, description="Answers per question, best first.")
+    top_k: int = Field(1, description="Answers per question, best first (1 .. max_top_k).")
 
 
 class AnswerItem(BaseModel):

@@ -185,6 +185,15 @@ def test_openapi_describes_the_api(client):
     request_schema = doc["components"]["schemas"][schema_ref.rsplit("/", 1)[1]]
     assert set(request_schema["properties"]) == {"question", "top_k"}
     assert request_schema.get("additionalProperties") is False
+    # The limits in force, from this app's settings (max_question_chars 200,
+    # max_batch_questions 4, max_top_k default 10).
+    assert request_schema["properties"]["top_k"]["minimum"] == 1
+    assert request_schema["properties"]["top_k"]["maximum"] == 10
+    assert request_schema["properties"]["question"]["maxLength"] == 200
+    batch = doc["components"]["schemas"]["BatchAnswerRequest"]["properties"]
+    assert batch["questions"]["maxItems"] == 4
+    assert batch["questions"]["items"]["maxLength"] == 200
+    assert batch["questions"]["items"]["minLength"] == 1
     assert {"200", "400", "413", "422", "503"} <= set(answer["responses"])
     ok = answer["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
     assert set(doc["components"]["schemas"][ok]["properties"]) == {"answers", "cached", "index_version"}
