@@ -56,6 +56,29 @@ class ReadRequest:
     rank_by: str = "score"
 
 
+#: A window joins a padded batch only if it is at least this share of the
+#: batch's longest: on the 2-core machine (INT8, 2 threads) one batch of two
+#: windows took 0.91x the time of two single passes at equal length, 0.97x at
+#: 128 and 100 tokens, and 1.24x at 140 and 60 (padding is computed too), while
+#: four equal windows in one batch took 0.8x.
+MIN_BATCH_FILL = 0.8
+
+
+def length_groups(lengths: Sequence[int], max_batch: int, min_fill: float = MIN_BATCH_FILL) -> list[list[int]]:
+    """Indices of ``lengths`` in batches for padded forward passes: longest
+    first, each batch at most ``max_batch`` long and holding only windows at
+    least ``min_fill`` of its first (longest) one."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        g = groups[-1] if groups else None
+        if g is not None and len(g) < max_batch and lengths[i] >= min_fill * lengths[g[0]]:
+            g.append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 def passage_from_text(tokenizer: TextTokenizer, text: str, passage_id: str = "context", doc_id: str = "", shard: int = -1, doc_start: int = 0) -> Passage:
     return Passage(passage_id, doc_id, shard, text, doc_start, tokenizer.tokenize(text))
 
@@ -156,9 +179,9 @@ class Reader:
         return self.answer_batch([ReadRequest(q, ps, top_k)])[0]
 
     def answer_batch(self, requests: Sequence[ReadRequest]) -> list[list[Answer]]:
-        """Answer many (question, passages) requests with as few forward passes
-        as possible: every window of every request goes into one padded batch
-        (chunked at ``max_batch_windows``)."""
+        """Answer many (question, passages) requests in few forward passes:
+        the windows of every request, in padded batches of similar length
+        (``length_groups``, at most ``max_batch_windows`` each)."""
         items: list[tuple[int, Passage, Window]] = []
         for r, req in enumerate(requests):
             if req.top_k < 1:
@@ -166,14 +189,14 @@ class Reader:
             for p in req.passages:
                 for w in self.features(req.question, p.tokens):
                     items.append((r, p, w))
-        starts: list[np.ndarray] = []
-        ends: list[np.ndarray] = []
-        for c in range(0, len(items), self.max_batch_windows):
-            chunk = [w for _, _, w in items[c : c + self.max_batch_windows]]
+        starts: list[np.ndarray] = [np.empty(0, np.float32)] * len(items)
+        ends: list[np.ndarray] = [np.empty(0, np.float32)] * len(items)
+        for group in length_groups([len(w.input_ids) for _, _, w in items], self.max_batch_windows):
+            chunk = [items[i][2] for i in group]
             s, e = self._forward(chunk)
-            for i, w in enumerate(chunk):
-                starts.append(s[i, : len(w.input_ids)])
-                ends.append(e[i, : len(w.input_ids)])
+            for row, (i, w) in enumerate(zip(group, chunk)):
+                starts[i] = s[row, : len(w.input_ids)]
+                ends[i] = e[row, : len(w.input_ids)]
 
         per_request: list[list[dict]] = [[] for _ in requests]
         null_scores = [1_000_000.0] * len(requests)

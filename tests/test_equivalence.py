@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 from shardqa.config import Settings
-from shardqa.services.reader import ReadRequest, Reader, passage_from_text
+from shardqa.services.reader import ReadRequest, Reader, length_groups, passage_from_text
 
 TESTS = Path(__file__).resolve().parent
 FIXTURE = TESTS / "fixtures" / "tiny-bert-qa"
@@ -168,6 +168,19 @@ def test_batched_answers_equal_reference(config):
         for a in got:
             if a.text:
                 assert (a.passage_id, a.doc_id, a.shard) == (f"p{i}", f"d{i}", i % 3)
+
+
+def test_windows_are_batched_with_windows_of_similar_length():
+    """Padding is computed too: a window shares a forward pass only with
+    windows it nearly fills, longest first, at most max_batch per pass."""
+    lengths = [70, 140, 100, 128, 120, 60, 142]
+    groups = length_groups(lengths, max_batch=64)
+    assert groups == [[6, 1, 3, 4], [2], [0, 5]]
+    assert [lengths[i] for i in groups[0]] == [142, 140, 128, 120]  # every one >= 0.8 x 142
+    assert length_groups(lengths, max_batch=2) == [[6, 1], [3, 4], [2], [0, 5]]
+    assert sorted(i for g in length_groups(lengths, 3) for i in g) == list(range(len(lengths)))
+    assert length_groups([], 4) == []
+    assert length_groups([50, 50, 50], 64, min_fill=1.0) == [[0, 1, 2]]
 
 
 def test_several_passages_in_one_call():
