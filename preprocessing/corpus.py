@@ -151,6 +151,7 @@ def _read_json_or_jsonl(path: Path, raw: str, col: _Collector) -> tuple[list[Doc
 
 def _read_squad(path: Path, data: dict, col: _Collector) -> list[Document]:
     docs: list[Document] = []
+    first_article: dict[str, int] = {}
     for ai, article in enumerate(data["data"]):
         if not isinstance(article, dict):
             col.problem(f"{path}: data[{ai}] is not an object")
@@ -161,12 +162,20 @@ def _read_squad(path: Path, data: dict, col: _Collector) -> list[Document]:
             if not isinstance(ctx, str) or not ctx.strip():
                 col.problem(f"{path}: data[{ai}].paragraphs[{pi}] ({title}) has no context text")
                 continue
-            docs.append(Document(squad_doc_id(title, pi), title.replace("_", " "), ctx, title))
+            doc_id = squad_doc_id(title, pi)
+            if doc_id in first_article:
+                # Two articles of one title: their paragraphs' ids collide.
+                col.problem(f"{path}: data[{ai}].paragraphs[{pi}] has the id {doc_id!r} of data[{first_article[doc_id]}] "
+                            f"(two articles titled {title!r})")
+                continue
+            first_article[doc_id] = ai
+            docs.append(Document(doc_id, title.replace("_", " "), ctx, title))
     return docs
 
 
 def _read_jsonl(path: Path, raw: str, col: _Collector) -> list[Document]:
     docs: list[Document] = []
+    first_line: dict[str, int] = {}
     for n, line in enumerate(raw.splitlines(), start=1):
         if not line.strip():
             continue
@@ -183,6 +192,10 @@ def _read_jsonl(path: Path, raw: str, col: _Collector) -> list[Document]:
         if not isinstance(text, str) or not text.strip():
             col.problem(f"{path}:{n}: document {doc_id!r} has no text")
             continue
+        if doc_id in first_line:
+            col.problem(f"{path}:{n}: duplicate document id {doc_id!r} (first on line {first_line[doc_id]})")
+            continue
+        first_line[doc_id] = n
         docs.append(Document(doc_id, str(obj.get("title") or ""), text, str(obj.get("group") or doc_id)))
     return docs
 

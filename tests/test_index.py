@@ -98,8 +98,16 @@ def test_documents_without_text_empty_and_unreadable_corpora(tmp_path):
     (tmp_path / "nothing").mkdir()
     with pytest.raises(CorpusError, match="no .txt or .md"):
         read_corpus(tmp_path / "nothing")
-    with pytest.raises(CorpusError, match="duplicate document id"):
-        read_corpus(write_jsonl(tmp_path / "dup.jsonl", [DOCS[0], DOCS[0]]))
+    dup = write_jsonl(tmp_path / "dup.jsonl", [DOCS[0], DOCS[1], DOCS[0]])
+    with pytest.raises(CorpusError, match=r"dup.jsonl:3: duplicate document id .* \(first on line 1\)"):
+        read_corpus(dup)
+    kept = read_corpus(dup, on_error="skip")
+    assert [d.doc_id for d in kept.documents] == [DOCS[0]["id"], DOCS[1]["id"]] and len(kept.problems) == 1
+    squad = tmp_path / "twice.json"
+    para = {"context": "Some text.", "qas": []}
+    squad.write_text(json.dumps({"data": [{"title": "T", "paragraphs": [para]}, {"title": "T", "paragraphs": [para]}]}))
+    with pytest.raises(CorpusError, match=r"data\[1\]\.paragraphs\[0\] has the id 'T#0' of data\[0\] \(two articles titled 'T'\)"):
+        read_corpus(squad)
 
 
 # --- sentences and passages --------------------------------------------------------------------
