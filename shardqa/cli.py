@@ -124,6 +124,10 @@ def main() -> None:
         sys.exit(130)
     except Exception as exc:
         _unexpected(exc)
+    if code == 130:
+        # Recent typer turns Ctrl-C into a quiet exit 130 itself when not
+        # standalone, so the except above never sees it.
+        typer.echo("interrupted", err=True)
     # A command's return value is not an exit code unless it is one.
     sys.exit(code if isinstance(code, int) and not isinstance(code, bool) else 0)
 

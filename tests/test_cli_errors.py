@@ -369,3 +369,33 @@ def test_a_service_url_is_its_base_even_when_copied_with_the_endpoint():
                   "http://127.0.0.1:8000/v1/answer/", "http://127.0.0.1:8000/v1/answer:batch"):
         assert service_url(given) == "http://127.0.0.1:8000", given
     assert service_url("http://h:8000/qa/v1/answer") == "http://h:8000/qa"  # a route prefix stays
+
+
+def test_ctrl_c_while_a_command_waits_says_interrupted():
+    """Ctrl-C: one line, `interrupted`, and exit 130 (not a quiet exit, not
+    a traceback). The command waits on a server that never answers."""
+    import os
+    import signal
+    import socket
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        server.settimeout(60)
+        url = f"http://127.0.0.1:{server.getsockname()[1]}"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "shardqa.cli", "query", "Who ruled Normandy?", "--url", url],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ),
+            # A shell without job control starts background jobs with SIGINT
+            # ignored, and a process that starts so never sees Ctrl-C.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+        try:
+            conn, _ = server.accept()  # the request is on its way: the command is waiting
+            with conn:
+                proc.send_signal(signal.SIGINT)
+                out, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+    assert proc.returncode == 130, (out, err)
+    assert err.strip() == "interrupted" and out == ""
