@@ -227,6 +227,15 @@ def _refuse_duplicates(pairs):
         seen.add(key)
 
 
+class _NotJSON(ValueError):
+    pass
+
+
+def _refuse_constant(name: str):
+    # Python's json takes NaN, Infinity and -Infinity; JSON has no such values.
+    raise _NotJSON(name)
+
+
 def body_problem(body: bytes) -> tuple[int, str, str] | None:
     """(status, code, message) for a JSON body the API refuses before
     validation, naming what is wrong with it; None for a body to validate
@@ -235,7 +244,9 @@ def body_problem(body: bytes) -> tuple[int, str, str] | None:
         # Decoded here, not by json.loads, which would also take UTF-16 and
         # UTF-32: JSON between systems is UTF-8 (RFC 8259), and a BOM is
         # left for FastAPI's parse.
-        json.loads(body.decode("utf-8"), object_pairs_hook=_refuse_duplicates)
+        json.loads(body.decode("utf-8"), object_pairs_hook=_refuse_duplicates, parse_constant=_refuse_constant)
+    except _NotJSON as exc:
+        return 400, "invalid_json", f"the request body is not valid JSON: {exc.args[0]} is not a JSON value"
     except _DuplicateKey as exc:
         # json.loads keeps the last of two equal keys: the answer would
         # silently be to a question the client may not have meant.
@@ -300,6 +311,9 @@ def create_api(service: QAService, settings: Settings) -> FastAPI:
         # A body without a Content-Type is read as JSON (RequestGate refuses
         # every other non-JSON type with 415 first).
         strict_content_type=False,
+        # /v1/index/ is not an endpoint: a JSON 404 naming it, not an empty
+        # 307 to an absolute URL that may be wrong behind a proxy.
+        redirect_slashes=False,
     )
 
     @app.exception_handler(RequestValidationError)
@@ -319,7 +333,9 @@ def create_api(service: QAService, settings: Settings) -> FastAPI:
         message = str(exc.detail)
         path = _shorten(request.url.path, 100)
         if exc.status_code == 404 and message == "Not Found":
-            message = f"nothing at {path} (the endpoints are listed at {request.scope.get('root_path', '')}/docs)"
+            # A mount (Swagger UI's files) extends root_path; app_root_path is the app's own.
+            root = request.scope.get("app_root_path", request.scope.get("root_path", ""))
+            message = f"nothing at {path} (the endpoints are listed at {root}/docs)"
         elif exc.status_code == 405:
             # Starlette's Allow names the first route of the path only (GET,
             # not the HEAD beside it); Swagger UI's files have no route.

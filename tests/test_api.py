@@ -533,6 +533,24 @@ def test_a_404_under_a_route_prefix_points_at_the_prefixed_docs(client):
     prefixed = TestClient(client.app, root_path="/qa", raise_server_exceptions=False)
     r = prefixed.get("/qa/v2/x")
     assert assert_error(r, 404, "not_found") == "nothing at /qa/v2/x (the endpoints are listed at /qa/docs)"
+    # Under the mount that serves Swagger UI's files, the link is still the app's /docs.
+    r = prefixed.get("/qa/docs/assets/nope.js")
+    assert assert_error(r, 404, "not_found") == "nothing at /qa/docs/assets/nope.js (the endpoints are listed at /qa/docs)"
+    r = client.get("/docs/assets/nope.js")
+    assert assert_error(r, 404, "not_found") == "nothing at /docs/assets/nope.js (the endpoints are listed at /docs)"
+
+
+def test_a_trailing_slash_is_a_404_not_a_redirect(client):
+    r = client.get("/v1/index/", follow_redirects=False)
+    assert assert_error(r, 404, "not_found") == "nothing at /v1/index/ (the endpoints are listed at /docs)"
+    r = client.post("/v1/answer/", json={"question": "Who?"}, follow_redirects=False)
+    assert assert_error(r, 404, "not_found").startswith("nothing at /v1/answer/")
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_nan_and_infinity_are_not_json(client, constant):
+    r = client.post("/v1/answer", content='{"question": "Who?", "top_k": %s}' % constant, headers={"content-type": "application/json"})
+    assert assert_error(r, 400, "invalid_json") == f"the request body is not valid JSON: {constant} is not a JSON value"
 
 
 def test_a_405_on_swagger_ui_files_names_the_method(client):
