@@ -266,7 +266,8 @@ def body_problem(body: bytes) -> tuple[int, str, str] | None:
 def _endpoint_label(path: str) -> str:
     if path in ENDPOINTS:
         return path
-    return "/docs" if path.startswith(DOCS_ASSETS + "/") else "unmatched"
+    # Swagger UI's own pages and files count as the docs.
+    return "/docs" if path.startswith(DOCS_ASSETS + "/") or path == "/docs/oauth2-redirect" else "unmatched"
 
 
 def _app_path(scope) -> str:

@@ -540,6 +540,13 @@ def test_a_404_under_a_route_prefix_points_at_the_prefixed_docs(client):
     assert assert_error(r, 404, "not_found") == "nothing at /docs/assets/nope.js (the endpoints are listed at /docs)"
 
 
+def test_swagger_ui_pages_count_as_the_docs_endpoint():
+    from shardqa.services.api import _endpoint_label
+
+    assert _endpoint_label("/docs/oauth2-redirect") == _endpoint_label("/docs/assets/swagger-ui.css") == "/docs"
+    assert _endpoint_label("/v1/answer") == "/v1/answer" and _endpoint_label("/v2/x") == "unmatched"
+
+
 def test_a_trailing_slash_is_a_404_not_a_redirect(client):
     r = client.get("/v1/index/", follow_redirects=False)
     assert assert_error(r, 404, "not_found") == "nothing at /v1/index/ (the endpoints are listed at /docs)"
