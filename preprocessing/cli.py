@@ -7,23 +7,23 @@ from typing import Optional
 
 import typer
 
-from shardqa.config import MAX_SHARDS
+from shardqa.config import MAX_SHARDS, setting_default
 
 
 def register(app: typer.Typer) -> None:
     @app.command("index")
     def index(
         corpus: Path = typer.Argument(..., help="JSONL (id,title,text), SQuAD-format JSON, or a folder of .txt/.md files"),
-        store: Optional[str] = typer.Option(None, "--store", "-s", help="index directory or Redis URL (redis://, rediss://, redis+cluster://host:port,..., rediss+cluster://, unix://) [default: SHARDQA_STORE]"),
-        shards: Optional[int] = typer.Option(None, "--shards", "-n", min=1, max=MAX_SHARDS, help="number of shards [default: SHARDQA_SHARDS]"),
+        store: Optional[str] = typer.Option(None, "--store", "-s", help=f"index directory or Redis URL (redis://, rediss://, redis+cluster://host:port,..., rediss+cluster://, unix://) {setting_default('store')}"),
+        shards: Optional[int] = typer.Option(None, "--shards", "-n", min=1, max=MAX_SHARDS, help=f"number of shards {setting_default('shards')}"),
         model: Optional[str] = typer.Option(None, "--model", "-m", help="model directory whose tokenizer pre-tokenises passages [default: SHARDQA_MODEL]"),
-        passage_sentences: Optional[int] = typer.Option(None, "--passage-sentences", min=1, help="sentences per passage window [default: SHARDQA_PASSAGE_SENTENCES]"),
+        passage_sentences: Optional[int] = typer.Option(None, "--passage-sentences", min=1, help=f"sentences per passage window {setting_default('passage_sentences')}"),
         passage_stride: Optional[int] = typer.Option(None, "--passage-stride", min=1, help="sentences between window starts (< sentences: windows overlap) [default: 2]"),
-        passage_max_tokens: Optional[int] = typer.Option(None, "--passage-max-tokens", min=16, help="cap on tokens per passage [default: SHARDQA_PASSAGE_MAX_TOKENS]"),
+        passage_max_tokens: Optional[int] = typer.Option(None, "--passage-max-tokens", min=16, help=f"cap on tokens per passage {setting_default('passage_max_tokens')}"),
         segmenter: str = typer.Option("blingfire", "--segmenter", help="sentence segmenter: blingfire or pysbd"),
         on_error: str = typer.Option("stop", "--on-error", help="a bad record (invalid JSON line, document without text): stop, or skip it and report it"),
         keep: int = typer.Option(3, "--keep", min=1, help="versions to keep in the store (older ones are dropped)"),
-        encoder: Optional[str] = typer.Option(None, "--encoder", help="dense encoder embedding the passages for the router: auto (the installed all-MiniLM-L6-v2), a folder, or none [default: SHARDQA_ROUTE_ENCODER]"),
+        encoder: Optional[str] = typer.Option(None, "--encoder", help=f"dense encoder embedding the passages for the router: auto (the installed all-MiniLM-L6-v2), a folder, or none {setting_default('route_encoder')}"),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
         build_key: Optional[str] = typer.Option(
             None, "--build-key",

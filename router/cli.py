@@ -8,13 +8,15 @@ from typing import Optional
 
 import typer
 
+from shardqa.config import setting_default
+
 
 def register(app: typer.Typer) -> None:
     @app.command("route")
     def route(
         question: str = typer.Argument(..., help="the question"),
-        store: Optional[str] = typer.Option(None, "--store", "-s", help="index directory or Redis URL [default: SHARDQA_STORE]"),
-        k: Optional[int] = typer.Option(None, "-k", "--k", min=1, help="passages to route [default: SHARDQA_ROUTE_K]"),
+        store: Optional[str] = typer.Option(None, "--store", "-s", help=f"index directory or Redis URL {setting_default('store')}"),
+        k: Optional[int] = typer.Option(None, "-k", "--k", min=1, help=f"passages to route {setting_default('route_k')}"),
         version: Optional[str] = typer.Option(None, "--version", help="index version [default: current]"),
         as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     ) -> None:
@@ -67,7 +69,7 @@ def register(app: typer.Typer) -> None:
     @app.command("eval-route")
     def eval_route(
         squad_json: Path = typer.Argument(..., help="SQuAD-format JSON whose contexts the index was built from"),
-        store: Optional[str] = typer.Option(None, "--store", "-s", help="index directory or Redis URL [default: SHARDQA_STORE]"),
+        store: Optional[str] = typer.Option(None, "--store", "-s", help=f"index directory or Redis URL {setting_default('store')}"),
         version: Optional[str] = typer.Option(None, "--version", help="index version [default: current]"),
         limit: Optional[int] = typer.Option(None, "--limit", min=1, help="first N questions only"),
         as_json: bool = typer.Option(False, "--json", help="print one JSON object"),

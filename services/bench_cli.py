@@ -14,6 +14,7 @@ from typing import Any, Optional
 import typer
 
 from shardqa.cli_options import finite
+from shardqa.config import setting_default
 
 
 def _results_dir(path: Path, what: str = "--out") -> Path:
@@ -373,14 +374,14 @@ def register(app: typer.Typer) -> None:
     def bench_all(
         url: str = typer.Option("http://127.0.0.1:8000", "--url", help="base URL of the running service to benchmark"),
         questions: Optional[Path] = typer.Option(None, "--questions", help="SQuAD-format JSON [default: SQuAD v1.1 dev]"),
-        store: Optional[str] = typer.Option(None, "--store", help="the service's index store, for `shardqa eval-route` [default: SHARDQA_STORE]"),
+        store: Optional[str] = typer.Option(None, "--store", help=f"the service's index store, for `shardqa eval-route` {setting_default('store')}"),
         limit: int = typer.Option(200, "--limit", min=1, help="distinct questions per load level"),
         concurrency: str = typer.Option("1,4,16", "--concurrency", help="closed-loop concurrency levels"),
         rates: str = typer.Option("20,40,60", "--rates", help="open-loop request rates per second"),
         seed: int = typer.Option(0, "--seed", help="question shuffle seed"),
         baseline_limit: Optional[int] = typer.Option(None, "--baseline-limit", min=1, help="questions for the naive baseline [default: --limit]"),
         model: Optional[str] = typer.Option(None, "--model", help="the service's model directory [default: as the service reports, else SHARDQA_MODEL]"),
-        backend: Optional[str] = typer.Option(None, "--backend", help="the service's backend, for the gold-paragraph F1 [default: SHARDQA_BACKEND]"),
+        backend: Optional[str] = typer.Option(None, "--backend", help=f"the service's backend, for the gold-paragraph F1 {setting_default('backend')}"),
         reader_runs: int = typer.Option(200, "--reader-runs", min=1, help="timed reader calls per backend and length"),
         reader_lengths: str = typer.Option("32,64,128,256,384", "--reader-lengths", help="passage lengths for the reader benchmark"),
         reader_backends: str = typer.Option("torch,onnx,onnx-int8", "--reader-backends", help="backends for the reader benchmark"),

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from shardqa.config import Backend
+from shardqa.config import Backend, setting_default
 
 
 def _check_built_from(store_url: str, squad_json: Path, examples) -> None:
@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
         context: Optional[str] = typer.Option(None, "--context", "-c", help="the text to answer from"),
         context_file: Optional[Path] = typer.Option(None, "--context-file", "-f", help="read the text from a UTF-8 file (- reads standard input)"),
         model: Optional[str] = typer.Option(None, "--model", "-m", help="QA model directory [default: SHARDQA_MODEL, the shipped model unless set]"),
-        backend: Optional[Backend] = typer.Option(None, "--backend", "-b", help="torch, onnx or onnx-int8"),
+        backend: Optional[Backend] = typer.Option(None, "--backend", "-b", help=f"torch, onnx or onnx-int8 {setting_default('backend')}"),
         top_k: int = typer.Option(1, "--top-k", "-k", min=1, max=50, help="answers to show"),
         as_json: bool = typer.Option(False, "--json", help="print a JSON list of {text, score, start, end}"),
     ) -> None:
@@ -84,9 +84,9 @@ def register(app: typer.Typer) -> None:
     @app.command("eval-answers")
     def eval_answers(
         squad_json: Path = typer.Argument(..., help="SQuAD-format JSON whose contexts the index was built from"),
-        store: Optional[str] = typer.Option(None, "--store", "-s", help="index directory or Redis URL [default: SHARDQA_STORE]"),
+        store: Optional[str] = typer.Option(None, "--store", "-s", help=f"index directory or Redis URL {setting_default('store')}"),
         model: Optional[str] = typer.Option(None, "--model", "-m", help="QA model directory [default: SHARDQA_MODEL]"),
-        backend: Optional[Backend] = typer.Option(None, "--backend", "-b", help="torch, onnx or onnx-int8"),
+        backend: Optional[Backend] = typer.Option(None, "--backend", "-b", help=f"torch, onnx or onnx-int8 {setting_default('backend')}"),
         threads: Optional[int] = typer.Option(None, "--threads", min=0, help="model threads [default: SHARDQA_THREADS]"),
         seed: int = typer.Option(0, "--seed", help="question shuffle seed (the benchmark's is 0)"),
         skip: int = typer.Option(0, "--skip", min=0, help="skip the first N shuffled questions (the benchmark asks the first ones)"),

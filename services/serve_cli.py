@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from shardqa.config import Backend
+from shardqa.config import Backend, setting_default
 
 
 def _serving_overrides(**values) -> dict:
@@ -37,14 +37,14 @@ def wait_for_interrupt() -> None:
 def register(app: typer.Typer) -> None:
     @app.command()
     def serve(
-        store: Optional[str] = typer.Option(None, "--store", "-s", help="index directory or Redis URL (redis://, rediss://, redis+cluster://, rediss+cluster://, unix://) [default: SHARDQA_STORE]"),
+        store: Optional[str] = typer.Option(None, "--store", "-s", help=f"index directory or Redis URL (redis://, rediss://, redis+cluster://, rediss+cluster://, unix://) {setting_default('store')}"),
         ray_address: Optional[str] = typer.Option(None, "--ray-address", help="existing Ray cluster (else RAY_ADDRESS, else an embedded Ray)"),
-        host: Optional[str] = typer.Option(None, "--host", help="HTTP bind address [default: SHARDQA_HOST]"),
-        port: Optional[int] = typer.Option(None, "--port", "-p", min=1, max=65535, help="HTTP port [default: SHARDQA_PORT]"),
+        host: Optional[str] = typer.Option(None, "--host", help=f"HTTP bind address {setting_default('host')}"),
+        port: Optional[int] = typer.Option(None, "--port", "-p", min=1, max=65535, help=f"HTTP port {setting_default('port')}"),
         shards_config: Optional[Path] = typer.Option(None, "--shards-config", help="JSON/YAML file: replicas and resources per shard"),
         model: Optional[str] = typer.Option(None, "--model", "-m", help="QA model directory"),
-        backend: Optional[Backend] = typer.Option(None, "--backend", "-b", help="torch, onnx or onnx-int8"),
-        replicas_per_shard: Optional[int] = typer.Option(None, "--replicas-per-shard", min=1, help="replicas of every shard deployment (2 or more: a lost replica costs no availability) [default: SHARDQA_REPLICAS_PER_SHARD]"),
+        backend: Optional[Backend] = typer.Option(None, "--backend", "-b", help=f"torch, onnx or onnx-int8 {setting_default('backend')}"),
+        replicas_per_shard: Optional[int] = typer.Option(None, "--replicas-per-shard", min=1, help=f"replicas of every shard deployment (2 or more: a lost replica costs no availability) {setting_default('replicas_per_shard')}"),
         num_cpus: Optional[float] = typer.Option(None, "--num-cpus", min=0, help="CPUs per shard replica"),
         num_gpus: Optional[float] = typer.Option(None, "--num-gpus", min=0, help="GPUs per shard replica"),
         cache_url: Optional[str] = typer.Option(None, "--cache-url", help="Redis URL of the answer cache (else in-process)"),
@@ -98,10 +98,10 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def demo(
-        port: Optional[int] = typer.Option(None, "--port", "-p", min=1, max=65535, help="HTTP port [default: SHARDQA_PORT]"),
-        host: Optional[str] = typer.Option(None, "--host", help="HTTP bind address [default: SHARDQA_HOST]"),
+        port: Optional[int] = typer.Option(None, "--port", "-p", min=1, max=65535, help=f"HTTP port {setting_default('port')}"),
+        host: Optional[str] = typer.Option(None, "--host", help=f"HTTP bind address {setting_default('host')}"),
         model: Optional[str] = typer.Option(None, "--model", "-m", help="QA model directory [default: SHARDQA_MODEL, the shipped model unless set]"),
-        backend: Optional[Backend] = typer.Option(None, "--backend", "-b", help="torch, onnx or onnx-int8"),
+        backend: Optional[Backend] = typer.Option(None, "--backend", "-b", help=f"torch, onnx or onnx-int8 {setting_default('backend')}"),
         shards: int = typer.Option(4, "--shards", min=1, help="shards to split the sample corpus into"),
         workdir: Optional[Path] = typer.Option(None, "--workdir", help="where the demo index lives [default: <cache_dir>/demo]"),
         exit_after_samples: bool = typer.Option(False, "--exit-after-samples", help="stop after the sample questions instead of serving on"),

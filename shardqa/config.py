@@ -286,6 +286,13 @@ def settings_in_force(settings: Settings) -> dict:
     return out
 
 
+def setting_default(name: str) -> str:
+    """An option's help suffix: the setting it falls back to, and that
+    setting's own default (the environment may change it; `shardqa config`
+    shows the value in force)."""
+    return f"[default: SHARDQA_{name.upper()}, else {Settings.model_fields[name].default}]"
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()

@@ -260,7 +260,9 @@ def test_version():
 
 def test_help_texts_keep_their_defaults():
     out = shardqa("index", "--help").stdout
-    assert "[default: SHARDQA_STORE]" in " ".join(out.split())
+    assert "[default: SHARDQA_STORE, else ./shardqa-index]" in " ".join(out.split())
+    out = " ".join(shardqa("serve", "--help").stdout.split())
+    assert "[default: SHARDQA_PORT, else 8000]" in out and "[default: SHARDQA_BACKEND, else onnx-int8]" in out
 
 
 def test_benchmarks_check_their_output_folder_before_running(tmp_path):

@@ -11,7 +11,7 @@ import typer
 
 from shardqa.cli_options import finite, positive
 
-from shardqa.config import Backend
+from shardqa.config import Backend, setting_default
 
 
 def evaluate_reader(reader, examples, batch_size: int = 16, progress: bool = True) -> dict:
@@ -51,7 +51,7 @@ def register(app: typer.Typer) -> None:
     def eval_reader(
         squad_json: Path = typer.Argument(..., help="a SQuAD v1.1-format JSON file (e.g. dev-v1.1.json)"),
         model: Optional[str] = typer.Option(None, "--model", "-m", help="QA model directory [default: SHARDQA_MODEL, the shipped model unless set]"),
-        backend: Optional[Backend] = typer.Option(None, "--backend", "-b", help="torch, onnx or onnx-int8 [default: SHARDQA_BACKEND]"),
+        backend: Optional[Backend] = typer.Option(None, "--backend", "-b", help=f"torch, onnx or onnx-int8 {setting_default('backend')}"),
         limit: Optional[int] = typer.Option(None, "--limit", min=1, help="first N questions only"),
         batch_size: int = typer.Option(16, "--batch-size", min=1, help="questions per forward pass"),
         as_json: bool = typer.Option(False, "--json", help="print one JSON object: exact_match, f1, n"),
