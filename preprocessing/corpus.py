@@ -80,18 +80,15 @@ def read_corpus(path: str | Path, on_error: OnError = "stop") -> CorpusReport:
             docs, kind = _read_jsonl(path, raw, col), "jsonl"
         else:
             docs, kind = _read_json_or_jsonl(path, raw, col)
-    seen: set[str] = set()
+    # Ids are unique here: the JSONL and SQuAD readers refuse a repeated one
+    # where they can name its place; a folder's file paths cannot repeat.
     unique: list[Document] = []
     for d in docs:
-        if d.doc_id in seen:
-            col.problem(f"{path}: duplicate document id {d.doc_id!r}")
-            continue
         bad = _not_unicode(d)
         if bad is not None:
             # JSON can escape lone surrogates (\ud800) that are not text.
             col.problem(f"{path}: document {d.doc_id!r} is not valid Unicode text ({bad})")
             continue
-        seen.add(d.doc_id)
         unique.append(d)
     if not unique:
         more = f" ({len(col.problems)} records skipped)" if col.problems else ""

@@ -551,7 +551,7 @@ def test_a_trailing_slash_is_a_404_not_a_redirect(client):
     r = client.get("/v1/index/", follow_redirects=False)
     assert assert_error(r, 404, "not_found") == "nothing at /v1/index/ (the endpoints are listed at /docs)"
     r = client.post("/v1/answer/", json={"question": "Who?"}, follow_redirects=False)
-    assert assert_error(r, 404, "not_found").startswith("nothing at /v1/answer/")
+    assert assert_error(r, 404, "not_found") == "nothing at /v1/answer/ (the endpoints are listed at /docs)"
 
 
 @pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
