@@ -16,7 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from shardqa.errors import BackendUnavailable
-from shardqa.onnx_export import RECIPE, cached_export, export, load_for_export, open_session
+from shardqa.onnx_export import GPU_PROVIDERS, RECIPE, cached_export, export, load_for_export, open_session
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +28,9 @@ class Backend(Protocol):
     name: str
     input_names: tuple[str, ...]
 
-    def run(self, input_ids: np.ndarray, token_type_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """int64 [batch, seq] inputs -> float32 start and end logits [batch, seq]."""
+    def run(self, input_ids: np.ndarray, token_type_ids: np.ndarray, attention_mask: np.ndarray, under_load: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """int64 [batch, seq] inputs -> float32 start and end logits [batch, seq];
+        ``under_load``: with the backend's ``threads_under_load`` threads."""
 
 
 def cuda_available() -> bool:
@@ -95,15 +96,29 @@ def quiet_weight_loading() -> None:
     hf_logging.disable_progress_bar()
 
 
+def pick_threads(threads: int, threads_under_load: int) -> tuple[int, int | None]:
+    """The intra-op thread counts of a model copy: always ``threads``, and
+    ``threads_under_load`` for passes made while the service is busy, or None
+    when that would be the same count (0 means the library default, which
+    is the machine's core count)."""
+    default = os.cpu_count() or 1
+    effective = threads or default
+    if not threads_under_load or threads_under_load == effective:
+        return threads, None
+    return threads, threads_under_load
+
+
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, model_dir: Path, device: str = "cpu", threads: int = 0):
+    def __init__(self, model_dir: Path, device: str = "cpu", threads: int = 0, threads_under_load: int = 0):
         import torch
         from transformers import AutoModelForQuestionAnswering
 
-        if threads:
-            torch.set_num_threads(threads)
+        self.threads, self.threads_under_load = pick_threads(threads, threads_under_load)
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        self._normal_threads = self._current_threads = torch.get_num_threads()
         self.torch = torch
         self.device = device
         # Weights may ship in fp16 to stay small; computing in fp32 keeps CPU
@@ -112,8 +127,14 @@ class TorchBackend:
         self.model = AutoModelForQuestionAnswering.from_pretrained(str(model_dir), dtype=torch.float32).to(device).eval()
         self.input_names = _model_input_names(self.model)
 
-    def run(self, input_ids, token_type_ids, attention_mask):
+    def run(self, input_ids, token_type_ids, attention_mask, under_load=False):
         torch = self.torch
+        # torch's thread count is per process; this backend's model is the
+        # only one a shard replica runs, so switching it is the whole cost.
+        want = self.threads_under_load if under_load and self.threads_under_load else self._normal_threads
+        if want != self._current_threads:
+            torch.set_num_threads(want)
+            self._current_threads = want
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
         if "token_type_ids" in self.input_names:
             feeds["token_type_ids"] = token_type_ids
@@ -126,18 +147,27 @@ class TorchBackend:
 
 
 class OnnxBackend:
-    def __init__(self, model_dir: Path, cache_dir: Path, int8: bool, device: str = "cpu", threads: int = 0, providers: list[str] | None = None, spin_wait: bool = False):
+    def __init__(self, model_dir: Path, cache_dir: Path, int8: bool, device: str = "cpu", threads: int = 0, providers: list[str] | None = None, spin_wait: bool = False, threads_under_load: int = 0):
         import onnxruntime as ort
 
         self.name = "onnx-int8" if int8 else "onnx"
         path = export_onnx(model_dir, cache_dir, int8=int8)
         self.providers = select_providers(providers or [], ort.get_available_providers(), device)
-        self.session = open_session(path, threads=threads, providers=self.providers, spin_wait=spin_wait)
+        self.threads, self.threads_under_load = pick_threads(threads, threads_under_load)
+        if any(p in GPU_PROVIDERS for p in self.providers):
+            # CPU threads only feed the GPU there: one session is enough.
+            self.threads_under_load = None
+        self.session = open_session(path, threads=self.threads, providers=self.providers, spin_wait=spin_wait)
+        # A session's thread pool is fixed when it opens, so a second thread
+        # count is a second session over the same file (INT8: ~25 MB of weights).
+        self.session_under_load = (open_session(path, threads=self.threads_under_load, providers=self.providers, spin_wait=spin_wait)
+                                   if self.threads_under_load else self.session)
         self.input_names = tuple(i.name for i in self.session.get_inputs())
 
-    def run(self, input_ids, token_type_ids, attention_mask):
+    def run(self, input_ids, token_type_ids, attention_mask, under_load=False):
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
-        start, end = self.session.run(["start_logits", "end_logits"], {k: feeds[k] for k in self.input_names})
+        session = self.session_under_load if under_load else self.session
+        start, end = session.run(["start_logits", "end_logits"], {k: feeds[k] for k in self.input_names})
         return start, end
 
 
@@ -178,9 +208,10 @@ def _export_fp32(model_dir: Path, out: Path) -> None:
     export(Wrapper(model), dummy, out, list(names), ["start_logits", "end_logits"], axes)
 
 
-def load_backend(kind: str, model_dir: Path, *, device: str, threads: int, cache_dir: Path, providers: list[str] | None, spin_wait: bool = False) -> Backend:
+def load_backend(kind: str, model_dir: Path, *, device: str, threads: int, cache_dir: Path, providers: list[str] | None, spin_wait: bool = False, threads_under_load: int = 0) -> Backend:
     if kind == "torch":
-        return TorchBackend(model_dir, device=device, threads=threads)
+        return TorchBackend(model_dir, device=device, threads=threads, threads_under_load=threads_under_load)
     if kind in ("onnx", "onnx-int8"):
-        return OnnxBackend(model_dir, cache_dir, int8=kind == "onnx-int8", device=device, threads=threads, providers=providers, spin_wait=spin_wait)
+        return OnnxBackend(model_dir, cache_dir, int8=kind == "onnx-int8", device=device, threads=threads, providers=providers, spin_wait=spin_wait,
+                           threads_under_load=threads_under_load)
     raise BackendUnavailable(f"unknown backend {kind!r}: choose torch, onnx or onnx-int8")

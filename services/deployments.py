@@ -43,7 +43,8 @@ class ShardDeployment:
         # Index versions load on their own thread, so answering goes on while
         # a new version is read.
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"shard{shard}-load")
-        reader = Reader.load(settings=settings, threads=config.resources(shard).threads(settings))
+        reader = Reader.load(settings=settings, threads=config.resources(shard).threads(settings),
+                             threads_under_load=settings.threads_under_load)
         self.worker = ShardWorker(shard, reader, open_store(settings.store))
         self.answer_batch.set_max_batch_size(settings.max_batch_size)
         self.answer_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)

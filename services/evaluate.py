@@ -56,9 +56,9 @@ class _CountingReader:
         self._reader = reader
         self.passages = 0
 
-    def answer_batch(self, requests):
+    def answer_batch(self, requests, under_load=False):
         self.passages += sum(len(r.passages) for r in requests)
-        return self._reader.answer_batch(requests)
+        return self._reader.answer_batch(requests, under_load=under_load)
 
     def __getattr__(self, name):
         return getattr(self._reader, name)

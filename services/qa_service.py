@@ -132,6 +132,9 @@ class QAService:
         # CPU) run here, not on the event loop, which keeps serving cache
         # hits, /readyz and /metrics meanwhile.
         self._route_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="route")
+        #: Questions being inferred now (cache misses past the cache's
+        #: single-flight); more than one tells the shards the cores are shared.
+        self._inferring = 0
 
     @classmethod
     def create(cls, settings: Settings, shards: ShardClient) -> "QAService":
@@ -365,6 +368,13 @@ class QAService:
         return tokens, route
 
     async def _infer(self, view: IndexView, question: str, top_k: int, tokens=None) -> bytes:
+        self._inferring += 1
+        try:
+            return await self._infer_counted(view, question, top_k, tokens)
+        finally:
+            self._inferring -= 1
+
+    async def _infer_counted(self, view: IndexView, question: str, top_k: int, tokens=None) -> bytes:
         loop = asyncio.get_running_loop()
         # In the request's context, as on the loop: Serve's metrics read the
         # request's route from it.
@@ -380,7 +390,7 @@ class QAService:
             return b"[]"
 
         async def read(passages) -> list[list[Answer]]:
-            calls = [asyncio.ensure_future(self._ask(shard, ShardQuery(view.version, tokens, tuple(pids), top_k)))
+            calls = [asyncio.ensure_future(self._ask(shard, ShardQuery(view.version, tokens, tuple(pids), top_k, under_load=self._inferring > 1)))
                      for shard, pids in _group_by_shard(passages).items()]
             try:
                 return await asyncio.gather(*calls)
@@ -402,7 +412,7 @@ class QAService:
             # for passages on other shards.
             first_shard = to_read[0].shard
             here = [p for p in to_read if p.shard == first_shard]
-            query = ShardQuery(view.version, tokens, tuple(p.passage_id for p in here), top_k, stop_logit)
+            query = ShardQuery(view.version, tokens, tuple(p.passage_id for p in here), top_k, stop_logit, self._inferring > 1)
             results = [await self._ask(first_shard, query)]
             if query.first_is_confident(results[0]):
                 to_read = to_read[:1]

@@ -98,7 +98,10 @@ class Reader:
     # --- construction ------------------------------------------------------------
 
     @classmethod
-    def load(cls, model: str | Path | None = None, backend: str | None = None, *, settings: Settings | None = None, max_seq_len: int | None = None, doc_stride: int | None = None, max_answer_len: int | None = None, handle_impossible_answer: bool | None = None, threads: int | None = None, providers: list[str] | None = None, device: str | None = None) -> "Reader":
+    def load(cls, model: str | Path | None = None, backend: str | None = None, *, settings: Settings | None = None, max_seq_len: int | None = None, doc_stride: int | None = None, max_answer_len: int | None = None, handle_impossible_answer: bool | None = None, threads: int | None = None, providers: list[str] | None = None, device: str | None = None, threads_under_load: int = 0) -> "Reader":
+        """``threads_under_load``: also ready the model to run with that many
+        threads for ``answer_batch(..., under_load=True)`` (a service's
+        shards; 0: always ``threads``)."""
         from shardqa.services.backends import load_backend, resolve_device
 
         s = settings or get_settings()
@@ -118,6 +121,7 @@ class Reader:
             cache_dir=s.cache_dir,
             providers=providers if providers is not None else s.onnx_providers,
             spin_wait=s.onnx_spin_wait,
+            threads_under_load=threads_under_load,
         )
         return cls(
             tokenizer,
@@ -178,10 +182,11 @@ class Reader:
             ps.append(p)
         return self.answer_batch([ReadRequest(q, ps, top_k)])[0]
 
-    def answer_batch(self, requests: Sequence[ReadRequest]) -> list[list[Answer]]:
+    def answer_batch(self, requests: Sequence[ReadRequest], under_load: bool = False) -> list[list[Answer]]:
         """Answer many (question, passages) requests in few forward passes:
         the windows of every request, in padded batches of similar length
-        (``length_groups``, at most ``max_batch_windows`` each)."""
+        (``length_groups``, at most ``max_batch_windows`` each); with
+        ``under_load``, on the backend's thread count for a busy service."""
         items: list[tuple[int, Passage, Window]] = []
         for r, req in enumerate(requests):
             if req.top_k < 1:
@@ -193,7 +198,7 @@ class Reader:
         ends: list[np.ndarray] = [np.empty(0, np.float32)] * len(items)
         for group in length_groups([len(w.input_ids) for _, _, w in items], self.max_batch_windows):
             chunk = [items[i][2] for i in group]
-            s, e = self._forward(chunk)
+            s, e = self._forward(chunk, under_load)
             for row, (i, w) in enumerate(zip(group, chunk)):
                 starts[i] = s[row, : len(w.input_ids)]
                 ends[i] = e[row, : len(w.input_ids)]
@@ -230,7 +235,7 @@ class Reader:
             results.append([self._to_answer(c) for c in cands])
         return results
 
-    def _forward(self, windows: list[Window]) -> tuple[np.ndarray, np.ndarray]:
+    def _forward(self, windows: list[Window], under_load: bool = False) -> tuple[np.ndarray, np.ndarray]:
         width = max(len(w.input_ids) for w in windows)
         ids = np.full((len(windows), width), self.tokenizer.pad_id, dtype=np.int64)
         types = np.zeros((len(windows), width), dtype=np.int64)
@@ -240,7 +245,7 @@ class Reader:
             ids[i, :n] = w.input_ids
             types[i, :n] = w.token_type_ids
             mask[i, :n] = 1
-        start, end = self.backend.run(ids, types, mask)
+        start, end = self.backend.run(ids, types, mask, under_load=under_load)
         return np.asarray(start, dtype=np.float32), np.asarray(end, dtype=np.float32)
 
     def _decode_window(self, w: Window, p: Passage, start: np.ndarray, end: np.ndarray, top_k: int) -> tuple[list[dict], float]:

@@ -41,6 +41,10 @@ class ShardQuery:
     #: here so the rest of this shard's passages cost no second hop); None
     #: reads them all at once.
     stop_logit: float | None = None
+    #: The ingress had other questions in flight when it sent this one: the
+    #: replicas are sharing the cores, so the reader runs on its
+    #: ``threads_under_load`` (settings) instead of all its threads.
+    under_load: bool = False
 
     def first_is_confident(self, answers: Sequence[Answer]) -> bool:
         """Whether ``answers`` let the read stop after ``passage_ids[0]``."""
@@ -139,7 +143,11 @@ class ShardWorker:
         A query with ``stop_logit`` reads its first passage in the first
         forward pass and its other passages in a second one, only if that
         first passage was not confident; the second pass batches every such
-        query of the batch."""
+        query of the batch.
+
+        A batch of more than one query, or one the ingress sent while busy
+        (``under_load``), is read with the reader's thread count for a busy
+        service."""
         out: list[list[Answer] | ShardQAError] = [[] for _ in queries]
         wanted: dict[int, list[Passage]] = {}
         for i, q in enumerate(queries):
@@ -148,12 +156,13 @@ class ShardWorker:
             except ShardQAError as exc:
                 out[i] = exc
         held_back = {i: queries[i].stop_logit is not None and len(ps) > 1 for i, ps in wanted.items()}
-        first = self._read([(queries[i], ps[:1] if held_back[i] else ps) for i, ps in wanted.items()])
+        busy = len(queries) > 1 or any(q.under_load for q in queries)
+        first = self._read([(queries[i], ps[:1] if held_back[i] else ps) for i, ps in wanted.items()], busy)
         for i, answers in zip(wanted, first):
             out[i] = answers
         second = [i for i in wanted if held_back[i] and not queries[i].first_is_confident(out[i])]
         if second:
-            for i, answers in zip(second, self._read([(queries[i], wanted[i][1:]) for i in second])):
+            for i, answers in zip(second, self._read([(queries[i], wanted[i][1:]) for i in second], busy)):
                 out[i].extend(answers)
         return out
 
@@ -170,7 +179,7 @@ class ShardWorker:
         except KeyError as exc:
             raise IndexNotFound(f"shard {self.shard} has no passage {exc.args[0]!r} in index version {query.index_version}") from None
 
-    def _read(self, work: Sequence[tuple[ShardQuery, Sequence[Passage]]]) -> list[list[Answer]]:
+    def _read(self, work: Sequence[tuple[ShardQuery, Sequence[Passage]]], under_load: bool) -> list[list[Answer]]:
         """One batched reader call: every (query, passages) pair's answers, per passage."""
         from shardqa.services.reader import ReadRequest
 
@@ -181,7 +190,7 @@ class ShardWorker:
                 requests.append(ReadRequest(q.question, [p], q.top_k, rank_by="logit"))
                 owners.append(i)
         out: list[list[Answer]] = [[] for _ in work]
-        for i, answers in zip(owners, self.reader.answer_batch(requests)):
+        for i, answers in zip(owners, self.reader.answer_batch(requests, under_load=under_load)):
             out[i].extend(answers)
         return out
 

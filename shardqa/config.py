@@ -49,6 +49,18 @@ class Settings(BaseSettings):
     # Bounded: ONNX Runtime starts every thread asked for, and a typo such as
     # 100000 hangs the process instead of failing.
     threads: int = Field(0, ge=0, le=256, description="intra-op threads per model copy; 0 = as many as the replica reserves CPUs (num_cpus_per_replica) in the service, the library default elsewhere")
+    # 1: a second thread gives one forward pass 1.2-2x, for twice the CPU. With
+    # one question in flight that CPU is idle anyway; with several, the
+    # replicas share the cores and one thread each answers more per core.
+    # Measured on the 2-core benchmark machine (4 shards, HAProxy ingress,
+    # 200 questions per level, two runs each): 2 threads always gave
+    # concurrency 4 at 54.2 / 58.2 answers/s, 1 thread always 64.3 / 65.6,
+    # but concurrency 1 p50 20.9 / 22.0 ms against 24.6 / 22.8.
+    threads_under_load: int = Field(
+        1, ge=0, le=256,
+        description="intra-op threads per model copy while the ingress has other questions in flight; "
+                    "0 = always `threads` (one session per model copy instead of two)",
+    )
     # Off: ONNX Runtime's intra-op threads otherwise spin between operators,
     # and shard replicas sharing cores burn the CPU the others need. Measured
     # on the 2-core benchmark machine (4 shards, 2 threads each, 2 cores, HAProxy ingress): concurrency 4

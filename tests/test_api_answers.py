@@ -272,18 +272,24 @@ class RecordingShards(LocalShards):
     def __init__(self, workers):
         super().__init__(workers)
         self.calls: list[tuple[int, tuple[str, ...]]] = []
+        #: each call's ``query.under_load``, in the order of ``calls``
+        self.sent_under_load: list[bool] = []
         self.reads: list[tuple[int, tuple[str, ...]]] = []
+        #: each forward pass's ``under_load``, in the order of ``reads``
+        self.loads: list[bool] = []
         for w in workers:
             read = w._read
 
-            def recording(work, _read=read, _shard=w.shard):
+            def recording(work, under_load, _read=read, _shard=w.shard):
                 self.reads.append((_shard, tuple(p.passage_id for _, ps in work for p in ps)))
-                return _read(work)
+                self.loads.append(under_load)
+                return _read(work, under_load)
 
             w._read = recording
 
     async def answer(self, shard, query):
         self.calls.append((shard, query.passage_ids))
+        self.sent_under_load.append(query.under_load)
         return await super().answer(shard, query)
 
 
@@ -381,6 +387,47 @@ def test_several_answers_read_every_routed_passage_in_one_round(shared_index):
     assert len(shards.calls) == len(shards.reads) == len({p.shard for p in routed})
 
 
+def test_the_shards_are_told_the_service_is_busy_only_while_other_questions_are_inferred(shared_index):
+    import asyncio
+
+    base, reader, store = shared_index
+    _, alone, _ = ask(shared_index, {}, QUESTIONS[0])
+    assert alone.sent_under_load and not any(alone.sent_under_load)
+    assert not any(alone.loads)  # one question in flight: the reader's full thread count
+
+    settings = settings_with(base | {"index_refresh_s": 600})
+    shards = RecordingShards([ShardWorker(s, reader, store) for s in range(2)])
+    service = QAService.create(settings, shards)
+
+    async def run():
+        await service.start(wait_s=30)
+        try:
+            return await service.answer_many(QUESTIONS[:2])
+        finally:
+            await service.stop()
+
+    asyncio.run(run())
+    # Both questions were being inferred when the first went to its shard.
+    assert shards.sent_under_load[0] and any(shards.loads)
+    assert service._inferring == 0
+
+
+def test_one_query_is_read_on_the_threads_its_ingress_asked_for(shared_index):
+    from shardqa.services.shard_worker import ShardQuery
+
+    base, reader, store = shared_index
+    worker = ShardWorker(0, reader, store)
+    version = store.current_version()
+    ids = tuple(sorted(worker.passages(version)))[:1]
+    question = reader.check_question(QUESTIONS[0])
+    seen = []
+    read = worker._read
+    worker._read = lambda work, under_load: seen.append(under_load) or read(work, under_load)
+    worker.answer_batch([ShardQuery(version, question, ids, 1)])
+    worker.answer_batch([ShardQuery(version, question, ids, 1, under_load=True)])
+    assert seen == [False, True]
+
+
 def test_a_shard_batches_the_second_round_of_every_unsure_query(shared_index):
     """Two questions in one shard batch: the first forward pass reads each
     one's first passage, the second only the unsure one's others."""
@@ -393,14 +440,17 @@ def test_a_shard_batches_the_second_round_of_every_unsure_query(shared_index):
     question = reader.check_question(QUESTIONS[0])
     reads = []
     read = worker._read
-    worker._read = lambda work: reads.append([(q.stop_logit, tuple(p.passage_id for p in ps)) for q, ps in work]) or read(work)
+    worker._read = lambda work, under_load: reads.append([(q.stop_logit, tuple(p.passage_id for p in ps)) for q, ps in work]
+                                                         + [under_load]) or read(work, under_load)
     sure = ShardQuery(version, question, ids, 1, stop_logit=-1e9)
     unsure = ShardQuery(version, question, ids[::-1], 1, stop_logit=1e9)
     plain = ShardQuery(version, question, ids[:2], 1)
     out = worker.answer_batch([sure, unsure, plain])
+    # A batch of several queries means the service is busy: both passes run
+    # on the reader's threads for a busy service.
     assert reads == [
-        [(-1e9, ids[:1]), (1e9, ids[-1:]), (None, ids[:2])],
-        [(1e9, ids[::-1][1:])],
+        [(-1e9, ids[:1]), (1e9, ids[-1:]), (None, ids[:2]), True],
+        [(1e9, ids[::-1][1:]), True],
     ]
     assert {a.passage_id for a in out[0]} == set(ids[:1])
     assert {a.passage_id for a in out[1]} == set(ids)

@@ -139,3 +139,50 @@ def test_export_tools_neither_warn_nor_switch_on_root_logging():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == "" and proc.stdout == ""
+
+
+def test_a_second_thread_count_is_kept_only_when_it_differs(monkeypatch):
+    monkeypatch.setattr(backends.os, "cpu_count", lambda: 2)
+    assert backends.pick_threads(2, 1) == (2, 1)
+    assert backends.pick_threads(0, 1) == (0, 1)  # the library default is the core count
+    assert backends.pick_threads(1, 1) == (1, None)
+    assert backends.pick_threads(0, 2) == (0, None)
+    assert backends.pick_threads(2, 0) == (2, None)  # 0: always `threads`
+
+
+@pytest.mark.parametrize("kind", ["onnx", "torch"])
+def test_passes_under_load_run_on_their_own_thread_count_with_the_same_logits(tmp_path, kind):
+    import numpy as np
+    import torch
+
+    from shardqa.services.reader import Reader
+    from shardqa.services.service_config import settings_with
+
+    settings = settings_with({"model": str(TINY), "backend": kind, "cache_dir": str(tmp_path)})
+    reader = Reader.load(settings=settings, threads=2, threads_under_load=1)
+    be = reader.backend
+    if kind == "onnx":
+        threads = lambda s: int(s.get_session_options().intra_op_num_threads)  # noqa: E731
+        assert (threads(be.session), threads(be.session_under_load)) == (2, 1)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1000, 2000, size=(2, 24)).astype(np.int64)
+    types, mask = np.zeros_like(ids), np.ones_like(ids)
+    quiet = be.run(ids, types, mask)
+    if kind == "torch":
+        assert torch.get_num_threads() == 2
+    busy = be.run(ids, types, mask, under_load=True)
+    if kind == "torch":
+        assert torch.get_num_threads() == 1
+        be.run(ids, types, mask)
+        assert torch.get_num_threads() == 2  # and back for a quiet service
+    for a, b in zip(quiet, busy):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)
+
+
+def test_one_session_when_no_second_thread_count_is_asked(tmp_path):
+    from shardqa.services.reader import Reader
+    from shardqa.services.service_config import settings_with
+
+    settings = settings_with({"model": str(TINY), "backend": "onnx", "cache_dir": str(tmp_path)})
+    be = Reader.load(settings=settings, threads=2).backend  # the CLI and eval commands: no service, no load
+    assert be.session_under_load is be.session
