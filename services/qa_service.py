@@ -390,8 +390,11 @@ class QAService:
             return b"[]"
 
         async def read(passages) -> list[list[Answer]]:
-            calls = [asyncio.ensure_future(self._ask(shard, ShardQuery(view.version, tokens, tuple(pids), top_k, under_load=self._inferring > 1)))
-                     for shard, pids in _group_by_shard(passages).items()]
+            groups = _group_by_shard(passages)
+            # Shards read at the same time share the cores as other questions would.
+            busy = self._inferring > 1 or len(groups) > 1
+            calls = [asyncio.ensure_future(self._ask(shard, ShardQuery(view.version, tokens, tuple(pids), top_k, under_load=busy)))
+                     for shard, pids in groups.items()]
             try:
                 return await asyncio.gather(*calls)
             except BaseException:

@@ -49,13 +49,15 @@ class Settings(BaseSettings):
     # Bounded: ONNX Runtime starts every thread asked for, and a typo such as
     # 100000 hangs the process instead of failing.
     threads: int = Field(0, ge=0, le=256, description="intra-op threads per model copy; 0 = as many as the replica reserves CPUs (num_cpus_per_replica) in the service, the library default elsewhere")
-    # 1: a second thread gives one forward pass 1.2-2x, for twice the CPU. With
-    # one question in flight that CPU is idle anyway; with several, the
-    # replicas share the cores and one thread each answers more per core.
-    # Measured on the 2-core benchmark machine (4 shards, HAProxy ingress,
-    # 200 questions per level, two runs each): 2 threads always gave
-    # concurrency 4 at 54.2 / 58.2 answers/s, 1 thread always 64.3 / 65.6,
-    # but concurrency 1 p50 20.9 / 22.0 ms against 24.6 / 22.8.
+    # 1: a second thread makes one forward pass 1.2-2x faster for twice the
+    # CPU. With one question in flight that CPU is idle anyway; with several
+    # (or one read on two shards at once) the replicas share the cores, and
+    # one thread each answers more per core. On the 2-core benchmark machine
+    # (4 shards x 2 threads, HAProxy ingress, 300 questions per level, three
+    # interleaved runs each): concurrency 4 went from 52.1 / 50.8 / 52.5 to
+    # 56.6 / 56.2 / 57.9 answers/s; concurrency 1 p50 21.0 / 22.2 / 22.4 ->
+    # 23.3 / 23.4 / 21.4 ms, within that level's run-to-run noise (its
+    # passes all ran on 2 threads either way).
     threads_under_load: int = Field(
         1, ge=0, le=256,
         description="intra-op threads per model copy while the ingress has other questions in flight; "

@@ -394,6 +394,10 @@ def test_the_shards_are_told_the_service_is_busy_only_while_other_questions_are_
     _, alone, _ = ask(shared_index, {}, QUESTIONS[0])
     assert alone.sent_under_load and not any(alone.sent_under_load)
     assert not any(alone.loads)  # one question in flight: the reader's full thread count
+    # One question read on two shards at once: they share the cores too.
+    q, _ = routed_with_both_shards(shared_index)
+    _, both, _ = ask(shared_index, {"read_first_stop_logit": float("inf")}, q)
+    assert len(both.calls) == 2 and all(both.sent_under_load) and all(both.loads)
 
     settings = settings_with(base | {"index_refresh_s": 600})
     shards = RecordingShards([ShardWorker(s, reader, store) for s in range(2)])
