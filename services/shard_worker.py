@@ -41,9 +41,10 @@ class ShardQuery:
     #: here so the rest of this shard's passages cost no second hop); None
     #: reads them all at once.
     stop_logit: float | None = None
-    #: The ingress had other questions in flight when it sent this one: the
-    #: replicas are sharing the cores, so the reader runs on its
-    #: ``threads_under_load`` (settings) instead of all its threads.
+    #: The ingress had other questions in flight when it sent this one, or
+    #: sent it to other shards at the same time: the replicas are sharing
+    #: the cores, so the reader runs on its ``threads_under_load`` (settings)
+    #: instead of all its threads.
     under_load: bool = False
 
     def first_is_confident(self, answers: Sequence[Answer]) -> bool:

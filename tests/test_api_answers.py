@@ -416,20 +416,28 @@ def test_the_shards_are_told_the_service_is_busy_only_while_other_questions_are_
     assert service._inferring == 0
 
 
+def recording_worker(shared_index):
+    """Shard 0's worker, its index version, three of its passage ids, the
+    first question's tokens, and the list its forward passes are recorded in:
+    per pass, each (query's stop_logit, passages read), then ``under_load``."""
+    _, reader, store = shared_index
+    worker = ShardWorker(0, reader, store)
+    version = store.current_version()
+    ids = tuple(sorted(worker.passages(version)))[:3]
+    reads = []
+    read = worker._read
+    worker._read = lambda work, under_load: reads.append([(q.stop_logit, tuple(p.passage_id for p in ps)) for q, ps in work]
+                                                         + [under_load]) or read(work, under_load)
+    return worker, version, ids, reader.check_question(QUESTIONS[0]), reads
+
+
 def test_one_query_is_read_on_the_threads_its_ingress_asked_for(shared_index):
     from shardqa.services.shard_worker import ShardQuery
 
-    base, reader, store = shared_index
-    worker = ShardWorker(0, reader, store)
-    version = store.current_version()
-    ids = tuple(sorted(worker.passages(version)))[:1]
-    question = reader.check_question(QUESTIONS[0])
-    seen = []
-    read = worker._read
-    worker._read = lambda work, under_load: seen.append(under_load) or read(work, under_load)
-    worker.answer_batch([ShardQuery(version, question, ids, 1)])
-    worker.answer_batch([ShardQuery(version, question, ids, 1, under_load=True)])
-    assert seen == [False, True]
+    worker, version, ids, question, reads = recording_worker(shared_index)
+    worker.answer_batch([ShardQuery(version, question, ids[:1], 1)])
+    worker.answer_batch([ShardQuery(version, question, ids[:1], 1, under_load=True)])
+    assert [r[-1] for r in reads] == [False, True]
 
 
 def test_a_shard_batches_the_second_round_of_every_unsure_query(shared_index):
@@ -437,15 +445,7 @@ def test_a_shard_batches_the_second_round_of_every_unsure_query(shared_index):
     one's first passage, the second only the unsure one's others."""
     from shardqa.services.shard_worker import ShardQuery
 
-    base, reader, store = shared_index
-    worker = ShardWorker(0, reader, store)
-    version = store.current_version()
-    ids = tuple(sorted(worker.passages(version)))[:3]
-    question = reader.check_question(QUESTIONS[0])
-    reads = []
-    read = worker._read
-    worker._read = lambda work, under_load: reads.append([(q.stop_logit, tuple(p.passage_id for p in ps)) for q, ps in work]
-                                                         + [under_load]) or read(work, under_load)
+    worker, version, ids, question, reads = recording_worker(shared_index)
     sure = ShardQuery(version, question, ids, 1, stop_logit=-1e9)
     unsure = ShardQuery(version, question, ids[::-1], 1, stop_logit=1e9)
     plain = ShardQuery(version, question, ids[:2], 1)
