@@ -330,6 +330,7 @@ def test_target_verdicts():
     assert verdicts["cached p50"]["met"] is True
     tp = verdicts["uncached throughput"]
     assert tp["met"] is True and "60.0 q/s" in tp["measured"]  # c=16 does 90 q/s but at p99 300 ms: not counted
+    assert tp["note"] == "highest uncached throughput: 90.0 q/s (concurrency 16, p99 300.0 ms)"
     assert verdicts[">= 8x"]["met"] is True
     assert verdicts["end-to-end F1"]["met"] is None  # no gold-paragraph figure in this run
 
