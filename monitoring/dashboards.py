@@ -233,6 +233,21 @@ def overview() -> dict[str, Any]:
             "short",
         ),
         _timeseries(
+            "Shard batches read on fewer threads (service busy)",
+            [
+                _target(
+                    f"sum by (shard) (rate(shardqa_shard_batches_under_load_total[{RATE_WINDOW}])) "
+                    f"/ sum by (shard) (rate(shardqa_shard_batch_size_count[{RATE_WINDOW}]))",
+                    "shard {{shard}}",
+                    "A",
+                ),
+            ],
+            "percentunit",
+            "A shard reads on all its threads while its question is the only one in flight, and on threads_under_load "
+            "(1) when the ingress has others or reads one question on several shards at once. Near 100% at steady "
+            "load; near 0% when questions arrive one at a time.",
+        ),
+        _timeseries(
             "Shards read per request",
             [
                 _target(

@@ -114,6 +114,10 @@ CACHE_REQUESTS = MetricSpec(
 SHARD_QUESTIONS = MetricSpec(
     "shardqa_shard_questions_total", "counter", "Questions read by one shard (the sum of its batch sizes)", ("shard",)
 )  # fmt: skip
+SHARD_BATCHES_UNDER_LOAD = MetricSpec(
+    "shardqa_shard_batches_under_load_total", "counter",
+    "Batches one shard read on its threads for a busy service (threads_under_load) instead of all its threads", ("shard",)
+)  # fmt: skip
 SHARD_CALLS = MetricSpec(
     "shardqa_shard_calls_total", "counter", "Shard calls made by the ingress (the sum of shards read per request)"
 )  # fmt: skip
@@ -150,7 +154,7 @@ INDEX_NOT_SERVED = MetricSpec(
 
 SPECS: tuple[MetricSpec, ...] = (
     REQUESTS, REQUEST_DURATION, STAGE_DURATION, SHARD_INFERENCE_DURATION, SHARD_BATCH_SIZE, SHARD_QUESTIONS,
-    CACHE_REQUESTS, SHARDS_TOUCHED, SHARD_CALLS, SHARD_INFLIGHT, ERRORS, ROUTE_SCORE, ROUTES, READ_ROUNDS, INDEX_INFO,
+    SHARD_BATCHES_UNDER_LOAD, CACHE_REQUESTS, SHARDS_TOUCHED, SHARD_CALLS, SHARD_INFLIGHT, ERRORS, ROUTE_SCORE, ROUTES, READ_ROUNDS, INDEX_INFO,
     INDEX_NOT_SERVED,
 )  # fmt: skip
 
@@ -361,14 +365,17 @@ def record_stage(stage: str, seconds: float) -> None:
     _record(STAGE_DURATION, _seconds(seconds), stage=stage)
 
 
-def record_shard_inference(shard: int, seconds: float, batch_size: int) -> None:
-    """One batched forward pass on a shard replica."""
+def record_shard_inference(shard: int, seconds: float, batch_size: int, under_load: bool = False) -> None:
+    """One batched forward pass on a shard replica; ``under_load``: on the
+    model's thread count for a busy service."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
     label = _shard_label(shard)
     _record(SHARD_INFERENCE_DURATION, _seconds(seconds), shard=label)
     _record(SHARD_BATCH_SIZE, batch_size, shard=label)
     _record(SHARD_QUESTIONS, batch_size, shard=label)
+    if under_load:
+        _record(SHARD_BATCHES_UNDER_LOAD, 1, shard=label)
 
 
 def record_cache(result: str) -> None:

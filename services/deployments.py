@@ -46,6 +46,8 @@ class ShardDeployment:
         reader = Reader.load(settings=settings, threads=config.resources(shard).threads(settings),
                              threads_under_load=settings.threads_under_load)
         self.worker = ShardWorker(shard, reader, open_store(settings.store))
+        #: Whether the model has a second thread count (not when it equals `threads`, nor on a GPU).
+        self._adapts_threads = bool(getattr(reader.backend, "threads_under_load", None))
         self.answer_batch.set_max_batch_size(settings.max_batch_size)
         self.answer_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
         try:
@@ -100,7 +102,8 @@ class ShardDeployment:
     async def answer_batch(self, queries: list[ShardQuery]) -> list[list[Answer] | Exception]:
         t0 = time.perf_counter()
         results = await self._run(self.worker.answer_batch, queries)
-        self._metrics.record_shard_inference(self.shard, time.perf_counter() - t0, len(queries))
+        self._metrics.record_shard_inference(self.shard, time.perf_counter() - t0, len(queries),
+                                             self._adapts_threads and self.worker.reads_under_load(queries))
         return results
 
     async def prepare(self, version: str) -> ShardStatus:

@@ -157,7 +157,7 @@ class ShardWorker:
             except ShardQAError as exc:
                 out[i] = exc
         held_back = {i: queries[i].stop_logit is not None and len(ps) > 1 for i, ps in wanted.items()}
-        busy = len(queries) > 1 or any(q.under_load for q in queries)
+        busy = self.reads_under_load(queries)
         first = self._read([(queries[i], ps[:1] if held_back[i] else ps) for i, ps in wanted.items()], busy)
         for i, answers in zip(wanted, first):
             out[i] = answers
@@ -166,6 +166,11 @@ class ShardWorker:
             for i, answers in zip(second, self._read([(queries[i], wanted[i][1:]) for i in second], busy)):
                 out[i].extend(answers)
         return out
+
+    def reads_under_load(self, queries: Sequence[ShardQuery]) -> bool:
+        """Whether ``answer_batch(queries)`` runs on the reader's thread count
+        for a busy service: several queries, or one the ingress sent while busy."""
+        return len(queries) > 1 or any(q.under_load for q in queries)
 
     def _passages_of(self, query: ShardQuery) -> list[Passage]:
         # The caller loads a version before the query reaches the batch (a

@@ -120,8 +120,9 @@ def test_unknown_stage_and_cache_result_are_refused():
 def test_shard_inference_records_latency_and_batch_size():
     before = scrape()
     metrics.record_shard_inference(3, 0.009, batch_size=5)
-    metrics.record_shard_inference(3, 0.011, batch_size=16)
+    metrics.record_shard_inference(3, 0.011, batch_size=16, under_load=True)
     after = scrape()
+    assert delta(before, after, "shardqa_shard_batches_under_load_total", shard="3") == 1
     assert delta(before, after, "shardqa_shard_inference_duration_seconds_count", shard="3") == 2
     assert delta(before, after, "shardqa_shard_inference_duration_seconds_sum", shard="3") == pytest.approx(0.02)
     assert delta(before, after, "shardqa_shard_batch_size_count", shard="3") == 2

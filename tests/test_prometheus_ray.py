@@ -61,7 +61,7 @@ class Recorder:
         start = time.perf_counter()
         with self.metrics.shard_inflight(0):
             await asyncio.sleep(0.004)
-        self.metrics.record_shard_inference(0, 0.003, 2)
+        self.metrics.record_shard_inference(0, 0.003, 2, under_load=True)
         # One of every other kind, so every shardqa metric crosses Ray's exporter.
         self.metrics.record_stage("route", 0.001)
         self.metrics.record_cache("miss")
@@ -171,6 +171,7 @@ def test_all_replicas_reach_prometheus_under_shardqa_names(serve_app, tmp_path):
         # Means come from exact counters: Ray rebuilds a histogram's _sum from
         # bucket midpoints (2 questions per batch, 2 shards per request here).
         assert prom.scalar("sum(shardqa_shard_questions_total)") == 2 * sent
+        assert prom.scalar("sum(shardqa_shard_batches_under_load_total)") == sent
         assert prom.scalar("sum(shardqa_shard_calls_total)") == 2 * sent
         # Per-replica gauges stay apart; after the traffic nothing is in flight.
         assert prom.scalar("sum(shardqa_shard_inflight_requests)") == 0
