@@ -236,16 +236,21 @@ def overview() -> dict[str, Any]:
             "Shard batches read on fewer threads (service busy)",
             [
                 _target(
-                    f"sum by (shard) (rate(shardqa_shard_batches_under_load_total[{RATE_WINDOW}])) "
+                    # The counter appears with its first increment: until then
+                    # the share is 0, not "no data".
+                    f"(sum by (shard) (rate(shardqa_shard_batches_under_load_total[{RATE_WINDOW}])) "
+                    f"or 0 * sum by (shard) (rate(shardqa_shard_batch_size_count[{RATE_WINDOW}]))) "
                     f"/ sum by (shard) (rate(shardqa_shard_batch_size_count[{RATE_WINDOW}]))",
                     "shard {{shard}}",
                     "A",
                 ),
             ],
             "percentunit",
-            "A shard reads on all its threads while its question is the only one in flight, and on threads_under_load "
-            "(1) when the ingress has others or reads one question on several shards at once. Near 100% at steady "
-            "load; near 0% when questions arrive one at a time.",
+            "Where a shard's model copy has more threads than threads_under_load (CPU replicas with num_cpus >= 2 by "
+            "default), it reads on all of them while its question is the only one in flight, and on threads_under_load "
+            "when the ingress has others, reads one question on several shards at once, or the shard batches several. "
+            "Near 100% at steady load, low when questions arrive one at a time; always 0 where the model has one "
+            "thread count.",
         ),
         _timeseries(
             "Shards read per request",

@@ -116,7 +116,7 @@ SHARD_QUESTIONS = MetricSpec(
 )  # fmt: skip
 SHARD_BATCHES_UNDER_LOAD = MetricSpec(
     "shardqa_shard_batches_under_load_total", "counter",
-    "Batches one shard read on its threads for a busy service (threads_under_load) instead of all its threads", ("shard",)
+    "Batches one shard read on threads_under_load threads because the service was busy", ("shard",)
 )  # fmt: skip
 SHARD_CALLS = MetricSpec(
     "shardqa_shard_calls_total", "counter", "Shard calls made by the ingress (the sum of shards read per request)"

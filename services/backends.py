@@ -97,13 +97,13 @@ def quiet_weight_loading() -> None:
 
 
 def pick_threads(threads: int, threads_under_load: int) -> tuple[int, int | None]:
-    """The intra-op thread counts of a model copy: always ``threads``, and
+    """The intra-op thread counts of a model copy: ``threads``, and
     ``threads_under_load`` for passes made while the service is busy, or None
-    when that would be the same count (0 means the library default, which
-    is the machine's core count)."""
-    default = os.cpu_count() or 1
-    effective = threads or default
-    if not threads_under_load or threads_under_load == effective:
+    when that would not be fewer (``threads`` 0 is the library default,
+    taken here as the logical CPU count)."""
+    effective = threads or os.cpu_count() or 1
+    if not threads_under_load or threads_under_load >= effective:
+        # More threads when busy than when quiet would turn the point around.
         return threads, None
     return threads, threads_under_load
 
@@ -116,6 +116,8 @@ class TorchBackend:
         from transformers import AutoModelForQuestionAnswering
 
         self.threads, self.threads_under_load = pick_threads(threads, threads_under_load)
+        if device != "cpu":
+            self.threads_under_load = None  # CPU threads only feed the GPU there
         if self.threads:
             torch.set_num_threads(self.threads)
         self._normal_threads = self._current_threads = torch.get_num_threads()

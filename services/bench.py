@@ -497,7 +497,7 @@ def evaluate_targets(result: dict[str, Any], settings=None) -> list[dict[str, An
         # bound, rather than the machine's capacity, decides the verdict.
         top = max(cold, key=lambda lv: lv["qps"] or 0)
         note = (f"highest uncached throughput: {top['qps']:.1f} q/s ({_load(top)}, p99 {top['p99_ms']:.1f} ms)"
-                if top is not best and top["p99_ms"] is not None else "")
+                if top is not best and top["qps"] is not None and top["p99_ms"] is not None else "")
         add("uncached throughput >= 60 q/s at p99 <= 100 ms", measured, bool(best and best["qps"] >= 60.0), note)
 
     base = result.get("baseline")

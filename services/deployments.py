@@ -38,7 +38,8 @@ class ShardDeployment:
         self._metrics = metrics
         # The model runs on one dedicated thread: the replica's event loop
         # stays free to queue the next batch while a forward pass runs, and
-        # the thread count of the model is set by `threads`, not by callers.
+        # the model's intra-op threads are its own (`threads`, or
+        # `threads_under_load` for a busy service), however many callers wait.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"shard{shard}")
         # Index versions load on their own thread, so answering goes on while
         # a new version is read.
@@ -46,7 +47,8 @@ class ShardDeployment:
         reader = Reader.load(settings=settings, threads=config.resources(shard).threads(settings),
                              threads_under_load=settings.threads_under_load)
         self.worker = ShardWorker(shard, reader, open_store(settings.store))
-        #: Whether the model has a second thread count (not when it equals `threads`, nor on a GPU).
+        #: Whether the model has a second, smaller thread count (not when
+        #: threads_under_load >= threads, nor on a GPU).
         self._adapts_threads = bool(getattr(reader.backend, "threads_under_load", None))
         self.answer_batch.set_max_batch_size(settings.max_batch_size)
         self.answer_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)

@@ -132,8 +132,11 @@ class QAService:
         # CPU) run here, not on the event loop, which keeps serving cache
         # hits, /readyz and /metrics meanwhile.
         self._route_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="route")
-        #: Questions being inferred now (cache misses past the cache's
-        #: single-flight); more than one tells the shards the cores are shared.
+        #: Questions this ingress replica is inferring now (cache misses past
+        #: the cache's single-flight); more than one tells the shards the
+        #: cores are shared (`_busy`). Other ingress replicas' questions are
+        #: not seen, and a question that timed out leaves the count while
+        #: its shard pass may still run: a hint, never a limit.
         self._inferring = 0
 
     @classmethod
@@ -370,11 +373,17 @@ class QAService:
     async def _infer(self, view: IndexView, question: str, top_k: int, tokens=None) -> bytes:
         self._inferring += 1
         try:
-            return await self._infer_counted(view, question, top_k, tokens)
+            return await self._route_read_merge(view, question, top_k, tokens)
         finally:
             self._inferring -= 1
 
-    async def _infer_counted(self, view: IndexView, question: str, top_k: int, tokens=None) -> bytes:
+    def _busy(self, shards_at_once: int = 1) -> bool:
+        """Whether shards should read on their ``threads_under_load``: other
+        questions are being inferred, or this one is read on several shards
+        at once (either way the replicas share the cores)."""
+        return self._inferring > 1 or shards_at_once > 1
+
+    async def _route_read_merge(self, view: IndexView, question: str, top_k: int, tokens=None) -> bytes:
         loop = asyncio.get_running_loop()
         # In the request's context, as on the loop: Serve's metrics read the
         # request's route from it.
@@ -391,8 +400,7 @@ class QAService:
 
         async def read(passages) -> list[list[Answer]]:
             groups = _group_by_shard(passages)
-            # Shards read at the same time share the cores as other questions would.
-            busy = self._inferring > 1 or len(groups) > 1
+            busy = self._busy(shards_at_once=len(groups))
             calls = [asyncio.ensure_future(self._ask(shard, ShardQuery(view.version, tokens, tuple(pids), top_k, under_load=busy)))
                      for shard, pids in groups.items()]
             try:
@@ -415,7 +423,7 @@ class QAService:
             # for passages on other shards.
             first_shard = to_read[0].shard
             here = [p for p in to_read if p.shard == first_shard]
-            query = ShardQuery(view.version, tokens, tuple(p.passage_id for p in here), top_k, stop_logit, self._inferring > 1)
+            query = ShardQuery(view.version, tokens, tuple(p.passage_id for p in here), top_k, stop_logit, under_load=self._busy())
             results = [await self._ask(first_shard, query)]
             if query.first_is_confident(results[0]):
                 to_read = to_read[:1]

@@ -167,7 +167,8 @@ class ShardWorker:
                 out[i].extend(answers)
         return out
 
-    def reads_under_load(self, queries: Sequence[ShardQuery]) -> bool:
+    @staticmethod
+    def reads_under_load(queries: Sequence[ShardQuery]) -> bool:
         """Whether ``answer_batch(queries)`` runs on the reader's thread count
         for a busy service: several queries, or one the ingress sent while busy."""
         return len(queries) > 1 or any(q.under_load for q in queries)

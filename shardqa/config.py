@@ -56,12 +56,14 @@ class Settings(BaseSettings):
     # (4 shards x 2 threads, HAProxy ingress, 300 questions per level, three
     # interleaved runs each): concurrency 4 went from 52.1 / 50.8 / 52.5 to
     # 56.6 / 56.2 / 57.9 answers/s; concurrency 1 p50 21.0 / 22.2 / 22.4 ->
-    # 23.3 / 23.4 / 21.4 ms, within that level's run-to-run noise (its
-    # passes all ran on 2 threads either way).
+    # 23.3 / 23.4 / 21.4 ms, within that level's run-to-run noise (in those
+    # runs all its passes were on 2 threads; a question read on several
+    # shards at once now reads on 1).
     threads_under_load: int = Field(
         1, ge=0, le=256,
-        description="intra-op threads per model copy while the ingress has other questions in flight; "
-                    "0 = always `threads` (one session per model copy instead of two)",
+        description="intra-op threads of a shard's model copy while the service is busy: the ingress has other "
+                    "questions in flight, reads one on several shards at once, or a shard batches several; "
+                    "applies on the CPU when it is below `threads` (0 = always `threads`)",
     )
     # Off: ONNX Runtime's intra-op threads otherwise spin between operators,
     # and shard replicas sharing cores burn the CPU the others need. Measured

@@ -416,6 +416,31 @@ def test_the_shards_are_told_the_service_is_busy_only_while_other_questions_are_
     assert service._inferring == 0
 
 
+def test_a_question_that_fails_on_its_shard_leaves_the_busy_count(shared_index):
+    import asyncio
+
+    from shardqa.errors import ServiceUnavailable
+
+    base, reader, store = shared_index
+
+    class FailingShards(LocalShards):
+        async def answer(self, shard, query):
+            raise ServiceUnavailable("no replica")
+
+    service = QAService.create(settings_with(base | {"index_refresh_s": 600}), FailingShards([ShardWorker(s, reader, store) for s in range(2)]))
+
+    async def run():
+        await service.start(wait_s=30)
+        try:
+            with pytest.raises(ServiceUnavailable):
+                await service.answer(QUESTIONS[0])
+            return service._inferring
+        finally:
+            await service.stop()
+
+    assert asyncio.run(run()) == 0
+
+
 def recording_worker(shared_index):
     """Shard 0's worker, its index version, three of its passage ids, the
     first question's tokens, and the list its forward passes are recorded in:

@@ -148,6 +148,30 @@ def test_a_second_thread_count_is_kept_only_when_it_differs(monkeypatch):
     assert backends.pick_threads(1, 1) == (1, None)
     assert backends.pick_threads(0, 2) == (0, None)
     assert backends.pick_threads(2, 0) == (2, None)  # 0: always `threads`
+    assert backends.pick_threads(1, 2) == (1, None)  # never more threads when busy than when quiet
+    assert backends.pick_threads(0, 4) == (0, None)
+
+
+def test_a_gpu_session_has_one_thread_count(tmp_path, monkeypatch):
+    import onnxruntime as ort
+
+    opened = []
+
+    class FakeSession:
+        def get_inputs(self):
+            return []
+
+    def fake_open(path, *, threads, providers, spin_wait=False):
+        opened.append((threads, providers))
+        return FakeSession()
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
+    monkeypatch.setattr(backends, "open_session", fake_open)
+    be = backends.OnnxBackend(TINY, tmp_path, int8=False, device="cuda", threads=2, threads_under_load=1)
+    assert opened == [(2, [CUDA, CPU])] and be.session_under_load is be.session
+    opened.clear()
+    be = backends.OnnxBackend(TINY, tmp_path, int8=False, device="cpu", threads=2, threads_under_load=1)
+    assert [t for t, _ in opened] == [2, 1] and be.session_under_load is not be.session
 
 
 @pytest.mark.parametrize("kind", ["onnx", "torch"])

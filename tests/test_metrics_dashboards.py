@@ -77,7 +77,7 @@ def known_series() -> set[str]:
     return names
 
 
-PROMQL_WORDS = {"sum", "by", "rate", "max", "histogram_quantile", "le"}
+PROMQL_WORDS = {"sum", "by", "rate", "max", "histogram_quantile", "le", "or"}
 
 
 def test_queries_use_only_existing_series():
