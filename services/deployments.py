@@ -47,9 +47,7 @@ class ShardDeployment:
         reader = Reader.load(settings=settings, threads=config.resources(shard).threads(settings),
                              threads_under_load=settings.threads_under_load)
         self.worker = ShardWorker(shard, reader, open_store(settings.store))
-        #: Whether the model has a second, smaller thread count (not when
-        #: threads_under_load >= threads, nor on a GPU).
-        self._adapts_threads = bool(getattr(reader.backend, "threads_under_load", None))
+        self._adapts_threads = reader.adapts_threads
         self.answer_batch.set_max_batch_size(settings.max_batch_size)
         self.answer_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
         try:

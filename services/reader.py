@@ -135,6 +135,12 @@ class Reader:
             handle_impossible_answer=s.handle_impossible_answer if handle_impossible_answer is None else handle_impossible_answer,
         )
 
+    @property
+    def adapts_threads(self) -> bool:
+        """Whether ``under_load`` passes run on fewer threads than the others
+        (not when threads_under_load >= threads, nor on a GPU)."""
+        return bool(getattr(self.backend, "threads_under_load", None))
+
     # --- inputs --------------------------------------------------------------------
 
     def check_question(self, question: str) -> TokenizedText:

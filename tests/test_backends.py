@@ -185,6 +185,7 @@ def test_passes_under_load_run_on_their_own_thread_count_with_the_same_logits(tm
     settings = settings_with({"model": str(TINY), "backend": kind, "cache_dir": str(tmp_path)})
     reader = Reader.load(settings=settings, threads=2, threads_under_load=1)
     be = reader.backend
+    assert reader.adapts_threads
     if kind == "onnx":
         threads = lambda s: int(s.get_session_options().intra_op_num_threads)  # noqa: E731
         assert (threads(be.session), threads(be.session_under_load)) == (2, 1)
@@ -208,5 +209,5 @@ def test_one_session_when_no_second_thread_count_is_asked(tmp_path):
     from shardqa.services.service_config import settings_with
 
     settings = settings_with({"model": str(TINY), "backend": "onnx", "cache_dir": str(tmp_path)})
-    be = Reader.load(settings=settings, threads=2).backend  # the CLI and eval commands: no service, no load
-    assert be.session_under_load is be.session
+    reader = Reader.load(settings=settings, threads=2)  # the CLI and eval commands: no service, no load
+    assert reader.backend.session_under_load is reader.backend.session and not reader.adapts_threads

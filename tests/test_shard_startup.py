@@ -26,7 +26,7 @@ def _start(monkeypatch, store: str):
     from shardqa.tokenization import TextTokenizer
 
     tokenizer = TextTokenizer.from_pretrained(Path(__file__).parent / "fixtures" / "tiny-bert-qa")
-    monkeypatch.setattr(Reader, "load", classmethod(lambda cls, **kw: SimpleNamespace(tokenizer=tokenizer, model_id="m")))
+    monkeypatch.setattr(Reader, "load", classmethod(lambda cls, **kw: SimpleNamespace(tokenizer=tokenizer, model_id="m", adapts_threads=False)))
     warnings = []
     monkeypatch.setattr(deployments.log, "warning", lambda msg, *args: warnings.append(msg % args))
     config = ServiceConfig(Settings(_env_file=None, store=store, index_refresh_s=0.05), 1, (ShardResources(1, 1.0, 0.0),))
