@@ -80,8 +80,13 @@ stop_service() {
 }
 trap stop_service EXIT
 
+# The benchmark's own in-process runs use the model threads of one shard
+# replica (its whole CPUs, at least 1), so "in one process" compares like with like.
+REPLICA_THREADS="${NUM_CPUS:-2}"
+REPLICA_THREADS="${REPLICA_THREADS%%.*}"
+[[ -z "$REPLICA_THREADS" || "$REPLICA_THREADS" == "0" ]] && REPLICA_THREADS=1
 bench_args=(bench-all --url "http://127.0.0.1:$PORT" --questions "$SQUAD" --store "$STORE"
-            --profile-pid "$SERVE_PID" --ray-address auto --ready-timeout 900)
+            --profile-pid "$SERVE_PID" --ray-address auto --ready-timeout 900 --threads "$REPLICA_THREADS")
 [[ -n "${MODEL:-}" ]] && bench_args+=(--model "$MODEL")
 [[ -n "${BACKEND:-}" ]] && bench_args+=(--backend "$BACKEND")
 [[ -n "${LIMIT:-}" ]] && bench_args+=(--limit "$LIMIT")

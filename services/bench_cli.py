@@ -243,15 +243,18 @@ def run_bench(
     return result, cold_questions, asked
 
 
-def _reference_settings(store: str, model_dir: str, backend: str):
-    """The service's index, model and backend, for work the benchmark does in
-    its own process; no index refresh during the run."""
+def _reference_settings(store: str, model_dir: str, backend: str, threads: int | None = None):
+    """The service's index, model and backend (and, given, its replicas'
+    model threads), for work the benchmark does in its own process; no index
+    refresh during the run."""
     from shardqa.services.service_config import settings_with
 
-    return settings_with({"store": store, "model": str(model_dir), "backend": backend, "index_refresh_s": 3600})
+    return settings_with({"store": store, "model": str(model_dir), "backend": backend, "index_refresh_s": 3600,
+                          "threads": threads})
 
 
-def run_one_process(result: dict[str, Any], cold_questions: list, per_level: int, store: str, model_dir: str, backend: str) -> dict[str, Any]:
+def run_one_process(result: dict[str, Any], cold_questions: list, per_level: int, store: str, model_dir: str, backend: str,
+                    threads: int | None = None) -> dict[str, Any]:
     """`shardqa eval-answers` over the reference level's questions (the cold
     levels ask ``per_level`` questions each, in order). Never fatal: a
     failure is reported in place of the figures."""
@@ -264,7 +267,7 @@ def run_one_process(result: dict[str, Any], cold_questions: list, per_level: int
     i = [lv for lv in result["levels"] if lv["cache"] == "cold"].index(ref)
     questions = cold_questions[i * per_level : (i + 1) * per_level]
     try:
-        settings = _reference_settings(store, model_dir, backend)
+        settings = _reference_settings(store, model_dir, backend, threads)
         B._log(f"one process: shardqa eval-answers over the {len(questions)} questions of {B._load(ref)}")
         ev = evaluate_answers(settings, questions, progress=False).to_json()
     except Exception as exc:  # reported, never fatal
@@ -273,7 +276,7 @@ def run_one_process(result: dict[str, Any], cold_questions: list, per_level: int
             "threads": settings.threads or "library default"}
 
 
-def run_hop(ray_address: str, store: str, model_dir: str, backend: str, calls: int) -> dict[str, Any]:
+def run_hop(ray_address: str, store: str, model_dir: str, backend: str, calls: int, threads: int | None = None) -> dict[str, Any]:
     """`bench_hop.measure_hops` on the service's cluster. Never fatal: a
     failure is reported in place of the figures."""
     from shardqa.services import bench as B
@@ -281,7 +284,7 @@ def run_hop(ray_address: str, store: str, model_dir: str, backend: str, calls: i
 
     try:
         B._log(f"hop: {calls} calls per row to shard 0 over Ray at {ray_address}")
-        return measure_hops(_reference_settings(store, model_dir, backend), ray_address=ray_address, calls=calls)
+        return measure_hops(_reference_settings(store, model_dir, backend, threads), ray_address=ray_address, calls=calls)
     except Exception as exc:  # reported, never fatal
         return {"error": f"{type(exc).__name__}: {exc}"}
 
@@ -385,6 +388,10 @@ def register(app: typer.Typer) -> None:
         model: Optional[str] = typer.Option(None, "--model", help="the service's model directory [default: as the service reports, else SHARDQA_MODEL]"),
         backend: Optional[str] = typer.Option(None, "--backend", help=f"the service's backend, for the gold-paragraph F1 {setting_default('backend')}"),
         reader_runs: int = typer.Option(200, "--reader-runs", min=1, help="timed reader calls per backend and length"),
+        threads: Optional[int] = typer.Option(None, "--threads", min=0, max=256,
+                                              help="model threads of the runs in this process (one-process answers, the hop's "
+                                                   "in-process read, reader per backend); give the service's replicas' count to "
+                                                   "compare like with like [default: SHARDQA_THREADS, else the library default]"),
         reader_lengths: str = typer.Option("32,64,128,256,384", "--reader-lengths", help="passage lengths for the reader benchmark"),
         reader_backends: str = typer.Option("torch,onnx,onnx-int8", "--reader-backends", help="backends for the reader benchmark"),
         route: bool = typer.Option(True, "--route/--no-route", help="run `shardqa eval-route --json`"),
@@ -442,13 +449,13 @@ def register(app: typer.Typer) -> None:
             (out / stale).unlink(missing_ok=True)
 
         # 1b. The reference level's questions in one process: the model's share.
-        result["one_process"] = run_one_process(result, cold_questions, limit, store or st.store, model_dir, gold_backend)
+        result["one_process"] = run_one_process(result, cold_questions, limit, store or st.store, model_dir, gold_backend, threads)
 
         # 2. Reader only, per backend; gold-paragraph F1 on the same uncached questions.
         examples = load_squad(qfile)
         reader = R.run_reader_bench(model_dir, names if gold_backend in names else (*names, gold_backend),
                                     lengths, reader_runs, examples,
-                                    f1_examples=cold_questions, log=B._log)
+                                    f1_examples=cold_questions, threads=threads, log=B._log)
         reader["command"] = command_line()
         reader["started_at"] = result["meta"]["started_at"]
         reader["machine"] = result["machine"]
@@ -476,7 +483,7 @@ def register(app: typer.Typer) -> None:
 
         # 4. What one call to a shard costs beyond its read, with the service idle.
         if ray_address:
-            (out / "hop.json").write_text(json.dumps(run_hop(ray_address, store or st.store, model_dir, gold_backend, hop_calls),
+            (out / "hop.json").write_text(json.dumps(run_hop(ray_address, store or st.store, model_dir, gold_backend, hop_calls, threads),
                                                      indent=2) + "\n", encoding="utf-8")
 
         # 5. A profile of the service when a target was missed.

@@ -224,3 +224,11 @@ def test_bench_all_writes_every_result_and_benchmarks_md(tmp_path):
     assert "no index" in result["one_process"]["error"]
     assert "#### The model's share: the same questions in one process" in md and "not measured" in md
     assert str(REPO) not in md  # no machine paths for the repository
+
+
+def test_in_process_runs_can_take_the_service_replicas_thread_count():
+    from shardqa.config import get_settings
+    from shardqa.services.bench_cli import _reference_settings
+
+    assert _reference_settings("idx", "model", "onnx-int8", 2).threads == 2
+    assert _reference_settings("idx", "model", "onnx-int8").threads == get_settings().threads  # SHARDQA_THREADS, else 0
