@@ -27,6 +27,8 @@ EXPORT_RECIPE = f"reader-v3-{RECIPE}"
 class Backend(Protocol):
     name: str
     input_names: tuple[str, ...]
+    #: Threads of ``run(..., under_load=True)``; None: the same as every pass.
+    threads_under_load: int | None
 
     def run(self, input_ids: np.ndarray, token_type_ids: np.ndarray, attention_mask: np.ndarray, under_load: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """int64 [batch, seq] inputs -> float32 start and end logits [batch, seq];
@@ -96,16 +98,16 @@ def quiet_weight_loading() -> None:
     hf_logging.disable_progress_bar()
 
 
-def pick_threads(threads: int, threads_under_load: int) -> tuple[int, int | None]:
-    """The intra-op thread counts of a model copy: ``threads``, and
-    ``threads_under_load`` for passes made while the service is busy, or None
-    when that would not be fewer (``threads`` 0 is the library default,
-    taken here as the logical CPU count)."""
+def pick_threads(threads: int, threads_under_load: int, on_gpu: bool = False) -> int | None:
+    """The intra-op threads of passes made while the service is busy, or None
+    when they would not be fewer than ``threads`` (0: the library default,
+    taken here as the logical CPU count) or the model runs on a GPU, where
+    CPU threads only feed it."""
     effective = threads or os.cpu_count() or 1
-    if not threads_under_load or threads_under_load >= effective:
+    if on_gpu or not threads_under_load or threads_under_load >= effective:
         # More threads when busy than when quiet would turn the point around.
-        return threads, None
-    return threads, threads_under_load
+        return None
+    return threads_under_load
 
 
 class TorchBackend:
@@ -115,11 +117,9 @@ class TorchBackend:
         import torch
         from transformers import AutoModelForQuestionAnswering
 
-        self.threads, self.threads_under_load = pick_threads(threads, threads_under_load)
-        if device != "cpu":
-            self.threads_under_load = None  # CPU threads only feed the GPU there
-        if self.threads:
-            torch.set_num_threads(self.threads)
+        self.threads_under_load = pick_threads(threads, threads_under_load, on_gpu=device != "cpu")
+        if threads:
+            torch.set_num_threads(threads)
         self._normal_threads = self._current_threads = torch.get_num_threads()
         self.torch = torch
         self.device = device
@@ -155,11 +155,8 @@ class OnnxBackend:
         self.name = "onnx-int8" if int8 else "onnx"
         path = export_onnx(model_dir, cache_dir, int8=int8)
         self.providers = select_providers(providers or [], ort.get_available_providers(), device)
-        self.threads, self.threads_under_load = pick_threads(threads, threads_under_load)
-        if any(p in GPU_PROVIDERS for p in self.providers):
-            # CPU threads only feed the GPU there: one session is enough.
-            self.threads_under_load = None
-        self.session = open_session(path, threads=self.threads, providers=self.providers, spin_wait=spin_wait)
+        self.threads_under_load = pick_threads(threads, threads_under_load, on_gpu=any(p in GPU_PROVIDERS for p in self.providers))
+        self.session = open_session(path, threads=threads, providers=self.providers, spin_wait=spin_wait)
         # A session's thread pool is fixed when it opens, so a second thread
         # count is a second session over the same file (INT8: 93 -> 124 MB resident).
         self.session_under_load = (open_session(path, threads=self.threads_under_load, providers=self.providers, spin_wait=spin_wait)

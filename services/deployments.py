@@ -47,7 +47,6 @@ class ShardDeployment:
         reader = Reader.load(settings=settings, threads=config.resources(shard).threads(settings),
                              threads_under_load=settings.threads_under_load)
         self.worker = ShardWorker(shard, reader, open_store(settings.store))
-        self._adapts_threads = reader.adapts_threads
         self.answer_batch.set_max_batch_size(settings.max_batch_size)
         self.answer_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
         try:
@@ -103,7 +102,7 @@ class ShardDeployment:
         t0 = time.perf_counter()
         results = await self._run(self.worker.answer_batch, queries)
         self._metrics.record_shard_inference(self.shard, time.perf_counter() - t0, len(queries),
-                                             self._adapts_threads and self.worker.reads_under_load(queries))
+                                             self.worker.reader.adapts_threads and self.worker.reads_under_load(queries))
         return results
 
     async def prepare(self, version: str) -> ShardStatus:

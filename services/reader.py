@@ -139,7 +139,7 @@ class Reader:
     def adapts_threads(self) -> bool:
         """Whether ``under_load`` passes run on fewer threads than the others
         (not when threads_under_load >= threads, nor on a GPU)."""
-        return bool(getattr(self.backend, "threads_under_load", None))
+        return self.backend.threads_under_load is not None
 
     # --- inputs --------------------------------------------------------------------
 
